@@ -1,0 +1,170 @@
+"""Run configuration: dataclass schemas (the Hydra structured config) and validation at the edge.
+
+Hydra composes conf/ into these dataclasses; ``validate`` checks the result against the world
+size *before any process starts*, so a bad layout costs a one-line error, not a cluster
+allocation. Each error names the offending keys and what would fix them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from pretrain.model.config import NeoModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message is one line a user can act on."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    # Decoder layers per pipeline stage, first stage first. Empty: split evenly (must divide).
+    pipeline_split: list[int] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    zero_stage: int = 1
+    lr: float = 3e-4
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    seq_len: int = 512
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    model: NeoModelConfig = field(default_factory=NeoModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The process layout a valid config implies for a given world size."""
+
+    tp: int
+    pp: int
+    dp: int
+    num_microbatches: int
+    layers_per_stage: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"TP{self.tp}xPP{self.pp}xDP{self.dp}"
+
+
+def validate(cfg: Config, world_size: int) -> Layout:
+    """Check ``cfg`` against ``world_size`` processes; return the layout or raise ConfigError."""
+    model, par, train = cfg.model, cfg.parallel, cfg.train
+    model.check()
+    tp, pp = par.tp, par.pp
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {tp}*{pp} = {tp * pp}; "
+            f"use a world size that is a multiple of {tp * pp} or change the layout"
+        )
+    dp = world_size // (tp * pp)
+    if model.num_attention_heads % tp:
+        raise ConfigError(
+            f"model.num_attention_heads={model.num_attention_heads} is not divisible by parallel.tp={tp}"
+        )
+    if model.num_kv_heads % tp:
+        raise ConfigError(
+            f"model.num_kv_heads={model.num_kv_heads} (KV groups) is not divisible by parallel.tp={tp}"
+        )
+    if par.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if par.sequence_parallel and train.seq_len % tp:
+        raise ConfigError(f"train.seq_len={train.seq_len} must be divisible by parallel.tp={tp} with sequence parallelism")
+
+    layers = model.num_layers
+    if par.pipeline_split:
+        split = tuple(int(n) for n in par.pipeline_split)
+        if len(split) != pp or sum(split) != layers or min(split) < 1:
+            raise ConfigError(
+                f"parallel.pipeline_split={list(split)} must list {pp} positive layer counts summing to "
+                f"{layers} (pre-Buffer {model.pre_buffer_layers} + post-LLM {model.post_llm_layers})"
+            )
+    elif layers % pp:
+        raise ConfigError(
+            f"{layers} decoder layers do not split evenly over parallel.pp={pp} stages; "
+            f"set parallel.pipeline_split (e.g. {_suggest_split(layers, pp)})"
+        )
+    else:
+        split = (layers // pp,) * pp
+
+    mbs, gbs = train.micro_batch_size, train.global_batch_size
+    if mbs < 1 or gbs % (mbs * dp):
+        raise ConfigError(
+            f"train.global_batch_size={gbs} must be a multiple of train.micro_batch_size*DP = {mbs}*{dp} = {mbs * dp}"
+        )
+    num_micro = gbs // (mbs * dp)
+
+    zero = cfg.optim.zero_stage
+    if zero not in (0, 1, 2, 3):
+        raise ConfigError(f"optim.zero_stage={zero} must be 0, 1, 2 or 3")
+    if zero >= 2 and pp > 1:
+        raise ConfigError(
+            f"optim.zero_stage={zero} cannot be used with pipeline parallelism (parallel.pp={pp}): "
+            "ZeRO-2/3 partition gradients during backward, which the pipeline schedule runs itself; use zero_stage=1"
+        )
+    if zero >= 2 and num_micro > 1:
+        raise ConfigError(
+            f"optim.zero_stage={zero} cannot accumulate {num_micro} micro-batches run by the Megatron schedule "
+            "(gradients would be reduced before accumulation ends); use zero_stage=1 or one micro-batch per step"
+        )
+    return Layout(tp=tp, pp=pp, dp=dp, num_microbatches=num_micro, layers_per_stage=split)
+
+
+def _suggest_split(layers: int, pp: int) -> list[int]:
+    base, extra = divmod(layers, pp)
+    return [base + (1 if i < extra else 0) for i in range(pp)]
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
+    """Compose conf/ with Hydra command-line style overrides into a typed, schema-checked Config.
+
+    For tools that need the config outside a ``@hydra.main`` entry point (tests, slurm/submit).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    _register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    _check_keys(OmegaConf.to_container(cfg), Config, "")
+    return OmegaConf.to_object(cfg)
+
+
+def _check_keys(node: dict, schema: type, prefix: str) -> None:
+    """Reject keys the schema does not know, including ones added with '+key=value' (Hydra lets
+    those through and to_object drops them silently: a typo must not become a silent default)."""
+    known = {f.name: f.type for f in fields(schema)}
+    for key, value in node.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known under '{prefix.rstrip('.') or '<root>'}': {', '.join(known)})")
+        sub = next((f.default_factory for f in fields(schema) if f.name == key and is_dataclass(f.default_factory)), None)
+        if isinstance(value, dict) and sub is not None:
+            _check_keys(value, sub, f"{prefix}{key}.")
