@@ -1,0 +1,205 @@
+"""Command line: `python -m data_prep {build,synthetic,verify,tokenizer} ...` (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from data_prep.build import BuildOptions, run_build
+from data_prep.energon_prepare import EnergonPrepareError
+from data_prep.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_FORMATS,
+    PRETRAIN_MAX_PIXELS,
+    PRETRAIN_MIN_PIXELS,
+    ImageOptions,
+)
+from data_prep.manifest import file_digest
+from data_prep.output_dir import OutputDirError, prepare_output
+from data_prep.sources import SOURCE_FORMATS, SourceError, SourceOptions, entries_for
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser, min_pixels: int, max_pixels: int) -> None:
+    g = p.add_argument_group("images and shards")
+    g.add_argument("--min-pixels", type=_positive, default=min_pixels, help=f"smart-resize floor (default {min_pixels})")
+    g.add_argument("--max-pixels", type=_positive, default=max_pixels, help=f"smart-resize ceiling (default {max_pixels})")
+    g.add_argument("--multi-image-budget", choices=("spec", "reference"), default="spec",
+                   help="'reference': records with n>1 images give each max(max_pixels*2//n, min_pixels), as the "
+                        "reference loader does (default: spec, every image gets max_pixels)")
+    g.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help=f"decoded pixel count over which an image is a decompression bomb (default {DEFAULT_MAX_IMAGE_PIXELS})")
+    g.add_argument("--image-format", choices=sorted(IMAGE_FORMATS), default="jpeg", help="stored image format (default jpeg)")
+    g.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    g.add_argument("--shard-max-samples", type=_positive, default=10_000, help="samples per shard (default 10000)")
+    g.add_argument("--shard-max-bytes", type=_positive, default=1 << 30, help="bytes per shard (default 1 GiB)")
+    g.add_argument("--shard-prefix", default="shard", help="shard names are PREFIX-NNNNNN.tar (default shard)")
+    r = p.add_argument_group("running")
+    r.add_argument("--workers", type=_positive, default=_cpus(), help="worker processes (default: usable CPUs); "
+                   "the output is byte-identical for any value")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing build in --output")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-energon", action="store_true", help="skip `energon prepare` (the directory will not load in Energon)")
+
+
+def _build_options(args: argparse.Namespace, image_root: str | None, tokenizer: str | None) -> BuildOptions:
+    image = ImageOptions(
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        max_image_pixels=args.max_image_pixels,
+        image_format=args.image_format,
+        quality=args.quality,
+        multi_image_budget=args.multi_image_budget,
+    )
+    return BuildOptions(
+        image=image,
+        image_root=image_root,
+        tokenizer=tokenizer,
+        shard_prefix=args.shard_prefix,
+        shard_max_samples=args.shard_max_samples,
+        shard_max_bytes=args.shard_max_bytes,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+        energon=not args.no_energon,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="raw annotations + images -> validated WebDataset shards")
+    b.add_argument("--format", required=True, choices=SOURCE_FORMATS)
+    b.add_argument("--annotations", required=True, nargs="+", type=Path,
+                   help="neo-json: .json/.jsonl; captions: .tsv/.csv/.parquet; text: .jsonl/.json")
+    b.add_argument("--image-root", type=Path, default=None,
+                   help="relative image paths are resolved against it (default: the first annotation file's directory)")
+    b.add_argument("--output", required=True, type=Path)
+    b.add_argument("--tokenizer", type=Path, default=None, help="HF tokenizer dir: adds text-token counts")
+    b.add_argument("--id-field", default="id", help="neo-json/text: record id field (default id; positional if absent)")
+    b.add_argument("--text-field", default="text", help="text: the text field (default text)")
+    b.add_argument("--image-column", default="image", help="captions: image path/bytes column (default image)")
+    b.add_argument("--caption-column", default="caption", help="captions: caption column (default caption)")
+    b.add_argument("--id-column", default=None, help="captions: id column (default: positional ids)")
+    _add_common(b, PRETRAIN_MIN_PIXELS, PRETRAIN_MAX_PIXELS)
+
+    from data_prep.synthetic import SPLITS, SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
+
+    s = sub.add_parser("synthetic", help="the embedded coloured-shapes data set (+ its tokenizer)")
+    s.add_argument("--output", required=True, type=Path)
+    s.add_argument("--num", required=True, type=_positive, help="number of inputs to generate")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split", choices=SPLITS, default="train", help="train and heldout never share an image or text")
+    s.add_argument("--mix", default=None, help="kind weights, e.g. caption=0.35,conversation=0.5,text=0.15 (the default)")
+    s.add_argument("--vocab-size", type=_positive, default=1024, help="demo tokenizer vocabulary (default 1024)")
+    _add_common(s, SYNTHETIC_MIN_PIXELS, SYNTHETIC_MAX_PIXELS)
+
+    v = sub.add_parser("verify", help="decode every sample of every shard and check it against the manifest")
+    v.add_argument("directory", type=Path)
+    v.add_argument("--no-energon", action="store_true", help="do not require Energon metadata")
+
+    t = sub.add_parser("tokenizer", help="train a small byte-level BPE tokenizer on built data sets")
+    t.add_argument("--data", required=True, nargs="+", type=Path, help="built data set directories")
+    t.add_argument("--output", required=True, type=Path)
+    t.add_argument("--vocab-size", type=_positive, default=1024)
+    t.add_argument("--overwrite", action="store_true")
+    return ap
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    annotations = [Path(p) for p in args.annotations]
+    image_root = args.image_root if args.image_root is not None else annotations[0].parent
+    options = _build_options(args, str(image_root), str(args.tokenizer) if args.tokenizer else None)
+    source_options = SourceOptions(
+        id_field=args.id_field or None,
+        text_field=args.text_field,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        id_column=args.id_column,
+    )
+    entries = entries_for(args.format, annotations, source_options)  # whole-file problems raise here
+    source = {
+        "command": "build",
+        "source_format": args.format,
+        "annotations": [file_digest(p) for p in annotations],
+        "source_options": dataclasses.asdict(source_options),
+    }
+    result = run_build(entries, args.output, options, source, describe=f"build {args.format}")
+    print(result.summary)
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from data_prep import synthetic
+    from data_prep.tokenizer import text_segments, train_tokenizer
+
+    mix = synthetic.parse_mix(args.mix)
+    items = synthetic.make_items(args.num, args.seed, args.split, mix)
+    output = Path(args.output)
+    prepare_output(output, args.overwrite)
+    texts = []
+    for item in items:
+        sample = {"kind": item.kind, "text": item.text, "conversations": item.conversations}
+        texts += text_segments(sample)
+        if item.kind == "conversation":
+            texts += [turn["role"] + "\n" for turn in item.conversations]
+    tokenizer_dir = train_tokenizer(texts, output / "tokenizer", args.vocab_size)
+    options = _build_options(args, None, str(tokenizer_dir))
+    source = {
+        "command": "synthetic",
+        "source_format": "synthetic",
+        "generator": {"version": synthetic.GENERATOR_VERSION, "num": args.num, "seed": args.seed,
+                      "split": args.split, "mix": mix, "vocab_size": args.vocab_size},
+    }
+    result = run_build(iter(items), output, options, source, total=len(items),
+                       describe=f"synthetic {args.split}", prepared=True)
+    print(result.summary)
+    print(f"tokenizer: {tokenizer_dir}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from data_prep.verify import verify
+
+    report = verify(args.directory, check_energon=not args.no_energon)
+    for error in report.errors[:200]:
+        print(f"  {error}", file=sys.stderr)
+    if len(report.errors) > 200:
+        print(f"  ... and {len(report.errors) - 200} more", file=sys.stderr)
+    print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from data_prep.tokenizer import texts_from_data, train_tokenizer
+
+    path = train_tokenizer(texts_from_data(args.data), args.output, args.vocab_size, overwrite=args.overwrite)
+    print(f"tokenizer: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    commands = {"build": cmd_build, "synthetic": cmd_synthetic, "verify": cmd_verify, "tokenizer": cmd_tokenizer}
+    try:
+        return commands[args.command](args)
+    except (SourceError, OutputDirError, FileExistsError, FileNotFoundError, EnergonPrepareError, ValueError) as exc:
+        print(f"data_prep {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if not isinstance(exc, EnergonPrepareError) else 1

@@ -1,0 +1,172 @@
+"""Build statistics and manifest.json.
+
+The manifest is the build's receipt: what went in (files and their sha256, options), what came
+out (shards with sample counts, bytes and sha256), what was rejected and why, and token
+statistics that the trainer's packing and budgeting can use. It holds nothing that depends on
+the run (no timestamps, worker counts or output path), so the same build gives the same bytes.
+It is written last; a directory without it is an incomplete build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from data_prep.rejects import REASONS
+from data_prep.schema import KINDS, SCHEMA_VERSION
+
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+FORMAT_NAME = "neo-webdataset"
+
+
+class Distribution:
+    """Exact statistics of a non-negative integer quantity with bounded memory (a value histogram)."""
+
+    def __init__(self) -> None:
+        self.hist: Counter[int] = Counter()
+
+    def add(self, value: int) -> None:
+        self.hist[value] += 1
+
+    def _percentile(self, pct: int, count: int) -> int:
+        rank = max(1, -(-(pct * count) // 100))  # nearest rank, ceil(pct/100 * n) in integers
+        seen = 0
+        for value in sorted(self.hist):
+            seen += self.hist[value]
+            if seen >= rank:
+                return value
+        return max(self.hist)
+
+    def summary(self) -> dict[str, Any]:
+        count = sum(self.hist.values())
+        if count == 0:
+            return {"count": 0, "total": 0}
+        total = sum(v * n for v, n in self.hist.items())
+        return {
+            "count": count,
+            "total": total,
+            "min": min(self.hist),
+            "max": max(self.hist),
+            "mean": round(total / count, 4),
+            "p50": self._percentile(50, count),
+            "p90": self._percentile(90, count),
+            "p99": self._percentile(99, count),
+        }
+
+
+class BuildStats:
+    """Everything counted while writing, aggregated in input order."""
+
+    def __init__(self) -> None:
+        self.inputs = 0
+        self.written = 0
+        self.by_kind: Counter[str] = Counter()
+        self.images = 0
+        self.tag_inserted = 0
+        self.input_bytes = 0
+        self.image_tokens_per_image = Distribution()
+        self.image_tokens_per_sample = Distribution()
+        self.images_per_sample = Distribution()
+        self.text_tokens_per_sample = Distribution()
+        self.has_text_tokens = False
+
+    def add_written(self, kind: str, image_tokens: list[int], text_tokens: int | None, input_bytes: int,
+                    tag_inserted: bool) -> None:
+        self.inputs += 1
+        self.written += 1
+        self.by_kind[kind] += 1
+        self.images += len(image_tokens)
+        self.tag_inserted += int(tag_inserted)
+        self.input_bytes += input_bytes
+        for n in image_tokens:
+            self.image_tokens_per_image.add(n)
+        self.image_tokens_per_sample.add(sum(image_tokens))
+        self.images_per_sample.add(len(image_tokens))
+        if text_tokens is not None:
+            self.has_text_tokens = True
+            self.text_tokens_per_sample.add(text_tokens)
+
+    def add_rejected(self) -> None:
+        self.inputs += 1
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Name, size and sha256 of an input file: the manifest pins what the build read."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return {"name": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": sha.hexdigest()}
+
+
+def environment() -> dict[str, str]:
+    """Library versions that decide the output bytes (a different libjpeg gives different JPEGs)."""
+    import platform
+
+    import PIL
+    from PIL import features
+
+    return {
+        "python": platform.python_version(),
+        "pillow": PIL.__version__,
+        "libjpeg": str(features.version("jpg")),
+        "zlib": str(features.version("zlib")),
+    }
+
+
+def make_manifest(*, build: dict[str, Any], stats: BuildStats, reject_counts: dict[str, int],
+                  shards: list[dict[str, Any]], image_extension: str) -> dict[str, Any]:
+    rejected = sum(reject_counts.values())
+    if stats.inputs != stats.written + rejected:
+        raise AssertionError(f"inputs {stats.inputs} != written {stats.written} + rejected {rejected}")
+    if sum(s["samples"] for s in shards) != stats.written:
+        raise AssertionError("shard sample counts do not add up to the written count")
+    return {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "build": build,
+        "environment": environment(),
+        "counts": {
+            "inputs": stats.inputs,
+            "written": stats.written,
+            "rejected": rejected,
+            "reconciled": stats.inputs == stats.written + rejected,
+            "by_kind": {kind: stats.by_kind.get(kind, 0) for kind in KINDS},
+            "images": stats.images,
+            "image_tag_inserted": stats.tag_inserted,
+            "input_image_bytes": stats.input_bytes,
+        },
+        "rejects": {code: reject_counts.get(code, 0) for code in REASONS},
+        "image_extension": image_extension,
+        "stats": {
+            "image_tokens_per_image": stats.image_tokens_per_image.summary(),
+            "image_tokens_per_sample": stats.image_tokens_per_sample.summary(),
+            "images_per_sample": stats.images_per_sample.summary(),
+            "text_tokens_per_sample": stats.text_tokens_per_sample.summary() if stats.has_text_tokens else None,
+        },
+        "shards": shards,
+        "total_bytes": sum(s["bytes"] for s in shards),
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name("." + path.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a data_prep output, or the build did not finish")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

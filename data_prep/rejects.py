@@ -1,0 +1,93 @@
+"""Reject reasons and the rejects report.
+
+A record that cannot become a training sample is never dropped silently and never crashes the
+build: it becomes one line of ``rejects.jsonl`` (input index, id, reason code, human message and
+the record itself) and one count in the manifest, so that ``inputs == written + rejected`` holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import IO, Any
+
+# Reason code -> one-line description (the manifest lists every code, zero counts included, so a
+# dashboard can rely on the keys).
+REASONS: dict[str, str] = {
+    "malformed_json": "an annotation line or entry is not valid JSON",
+    "invalid_utf8": "text that is not valid UTF-8",
+    "malformed_record": "the record is not an object or a field has the wrong type / is missing",
+    "empty_conversation": "the conversation list is empty",
+    "malformed_conversation": "turn structure is wrong (bad turn, system not first, no assistant turn, empty turn)",
+    "unknown_role": "a turn's role is not human/user, gpt/assistant or system",
+    "empty_text": "caption or text is empty",
+    "image_tag_mismatch": "the number of <image> tags differs from the number of images",
+    "reserved_token": "text contains a reserved special-token string such as <|im_end|>",
+    "duplicate_key": "an earlier input already produced this sample key",
+    "missing_image": "the image file does not exist",
+    "unreadable_image": "the image file exists but cannot be read (permissions, a directory, I/O error)",
+    "zero_size": "the image file is empty or the image has a zero dimension",
+    "corrupt_image": "not an image, an unsupported container, or truncated/corrupt data",
+    "unsupported_image": "a pixel mode that cannot be converted to RGB without guessing (e.g. float)",
+    "decompression_bomb": "more pixels than --max-image-pixels",
+    "aspect_ratio": "long side / short side over the limit (200)",
+}
+
+
+class Reject(Exception):
+    """Raised anywhere in the data path to reject the current record with a reason code."""
+
+    def __init__(self, code: str, message: str):
+        if code not in REASONS:
+            raise ValueError(f"unknown reject reason {code!r}")
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-safe copy of a record for the report: bytes are summarised, not dumped."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        return {
+            "__bytes__": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "head_b64": base64.b64encode(data[:16]).decode("ascii"),
+        }
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def reject_line(index: int, sample_id: str | None, source: str, code: str, message: str, record: Any) -> str:
+    """One rejects.jsonl line. ASCII-escaped so that records holding invalid UTF-8 still serialise."""
+    entry = {
+        "index": index,
+        "id": sample_id,
+        "source": source,
+        "reason": code,
+        "message": message,
+        "record": jsonable(record),
+    }
+    return json.dumps(entry, ensure_ascii=True, sort_keys=True) + "\n"
+
+
+class RejectLog:
+    """Appends reject lines in input order and counts them by reason."""
+
+    def __init__(self, stream: IO[str]):
+        self._stream = stream
+        self.counts: dict[str, int] = {code: 0 for code in REASONS}
+
+    def add(self, index: int, sample_id: str | None, source: str, code: str, message: str, record: Any) -> None:
+        self._stream.write(reject_line(index, sample_id, source, code, message, record))
+        self.counts[code] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
