@@ -40,6 +40,42 @@ class NeoModelConfig:
         """Side in pixels of the square one LLM token covers (16 / 0.5 = 32)."""
         return round(self.patch_size / self.downsample_ratio)
 
+    def layer_parameters(self) -> tuple[int, int]:
+        """(tensor-parallel-sharded, replicated) parameter counts of one decoder layer."""
+        h, d, f = self.hidden_size, self.head_dim, self.ffn_hidden_size
+        nq, nkv = self.num_attention_heads, self.num_kv_heads
+        sharded = h * (nq * d + 2 * nkv * d) + h * (nq * d + nkv * d) + nq * d * h + 3 * h * f
+        replicated = 2 * d + 4 * (d // 2) + 2 * h  # QK-norms (t, h, w) + the two layer norms
+        return sharded, replicated
+
+    def vision_parameters(self) -> int:
+        p, v = self.patch_size, self.vision_hidden_size
+        merge = round(1 / self.downsample_ratio)
+        return 3 * p * p * v + v + v * merge * merge * self.hidden_size + self.hidden_size
+
+    def num_parameters(self) -> int:
+        """All parameters of the model (tied embeddings counted once)."""
+        sharded, replicated = self.layer_parameters()
+        heads = 1 if self.tie_word_embeddings else 2
+        return (self.num_layers * (sharded + replicated) + heads * self.vocab_size * self.hidden_size
+                + self.hidden_size + self.vision_parameters())
+
+    def parameters_per_rank(self, tp: int, pp: int, layers_per_stage: tuple[int, ...] | None = None) -> list[int]:
+        """Parameters held by one rank of each pipeline stage at TP=tp (a tied LM head on the last
+        of several stages is a second copy of the embedding and counted there)."""
+        split = layers_per_stage or (self.num_layers // pp,) * pp
+        sharded, replicated = self.layer_parameters()
+        embedding = self.vocab_size * self.hidden_size // tp
+        counts = []
+        for stage, n in enumerate(split):
+            count = n * (sharded // tp + replicated)
+            if stage == 0:
+                count += embedding + self.vision_parameters()
+            if stage == pp - 1:
+                count += self.hidden_size + (embedding if (pp > 1 or not self.tie_word_embeddings) else 0)
+            counts.append(count)
+        return counts
+
     def check(self) -> None:
         """Internal consistency of the shape, independent of any parallel layout."""
         from pretrain.config import ConfigError

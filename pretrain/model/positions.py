@@ -34,28 +34,22 @@ def _segmented_cumsum(values: torch.Tensor, starts: torch.Tensor) -> torch.Tenso
     return total - before.gather(1, start_col)
 
 
-def native_positions(
-    tokens: torch.Tensor,
-    doc_ids: torch.Tensor,
-    image_ids: torch.Tensor,
-    image_grids: torch.Tensor,
-    img_start_id: int,
-    img_context_id: int,
-) -> torch.Tensor:
-    """LongTensor[3, b, s] of (T, H, W) per token.
+def native_positions(doc_ids: torch.Tensor, image_ids: torch.Tensor, image_grids: torch.Tensor) -> torch.Tensor:
+    """LongTensor[3, b, s] of (T, H, W) per token, from the layout metadata alone.
 
     T restarts at 0 in each document and follows the reference's
     ``t = cumsum(shifted_is_img_start + is_not_img_context) - 1``: a whole image costs one
-    step of T. The shift does not cross document boundaries (an ``<img>`` ending one
-    document must not advance the next). H/W are the row/column of a context token in its
-    image's token grid (row-major), 0 for every other token.
+    step of T. Every image block is ``<img>``, its context tokens, ``</img>``, so "the token
+    after ``<img>``" is exactly "the first context token of an image": both terms come from
+    ``image_ids`` and the model needs no token ids (the tests check this against the formula
+    on token ids). H/W are the row/column of a context token in its image's token grid
+    (row-major), 0 for every other token.
     """
     starts = _document_starts(doc_ids)
-    is_img_start = (tokens == img_start_id).long()
-    shifted = torch.zeros_like(is_img_start)
-    shifted[:, 1:] = is_img_start[:, :-1]
-    shifted = shifted.masked_fill(starts, 0)
-    step = shifted + (tokens != img_context_id).long()
+    is_ctx = image_ids >= 0
+    first_ctx = is_ctx.clone()
+    first_ctx[:, 1:] &= image_ids[:, 1:] != image_ids[:, :-1]
+    step = first_ctx.long().masked_fill(starts, 0) + (~is_ctx).long()
     t = _segmented_cumsum(step, starts) - 1
 
     h = torch.zeros_like(t)

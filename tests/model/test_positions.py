@@ -100,7 +100,7 @@ def test_hand_written_example():
     docs = torch.tensor([[0] * 9 + [1] * 4 + [-1] * 2])
     images = torch.tensor([[-1, -1, -1, 0, 0, 0, 0, -1, -1, -1, 1, 1, -1, -1, -1]])
     grids = torch.tensor([[2, 2], [1, 2]])
-    thw = native_positions(tokens, docs, images, grids, IMG_START, IMG_CONTEXT)
+    thw = native_positions(docs, images, grids)
     assert thw.dtype == torch.long and thw.shape == (3, 1, 15)
     assert thw[0, 0].tolist() == [0, 1, 2, 3, 3, 3, 3, 4, 5, 0, 1, 1, 2, 0, 1]
     assert thw[1, 0].tolist() == [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
@@ -118,7 +118,7 @@ def test_hand_written_example():
 def test_positions_match_brute_force(seed):
     tokens, docs, images, grids = make_batch(seed)
     assert grids.shape[0] >= 3 and (docs == -1).any()  # the generator covers what it should
-    got = native_positions(tokens, docs, images, grids, IMG_START, IMG_CONTEXT)
+    got = native_positions(docs, images, grids)
     assert torch.equal(got, brute_positions(tokens, docs, images, grids))
 
 
@@ -127,7 +127,7 @@ def test_text_only_batch():
     docs = torch.tensor([[0] * 7 + [1] * 13, [0] * 15 + [-1] * 5])
     images = torch.full_like(tokens, -1)
     no_grids = torch.empty(0, 2, dtype=torch.long)
-    got = native_positions(tokens, docs, images, no_grids, IMG_START, IMG_CONTEXT)
+    got = native_positions(docs, images, no_grids)
     assert torch.equal(got, brute_positions(tokens, docs, images, no_grids))
     assert got[1:].eq(0).all()
 
@@ -137,7 +137,7 @@ def test_img_start_does_not_advance_the_next_document():
     tokens = torch.tensor([[50, IMG_START, 51, 52]])
     docs = torch.tensor([[0, 0, 1, 1]])
     images = torch.full_like(tokens, -1)
-    got = native_positions(tokens, docs, images, torch.empty(0, 2, dtype=torch.long), IMG_START, IMG_CONTEXT)
+    got = native_positions(docs, images, torch.empty(0, 2, dtype=torch.long))
     assert got[0, 0].tolist() == [0, 1, 0, 1]
 
 

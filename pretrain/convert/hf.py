@@ -1,0 +1,212 @@
+"""Checkpoint conversion between HF directories and our checkpoints.
+
+Our checkpoint (what training writes and reads): ``CKPT/model/`` (megatron dist_checkpointing,
+reshardable to any TP/PP layout), ``CKPT/config.yaml`` (the resolved config; its ``model`` section
+is the NEO shape) and ``CKPT/tokenizer/``. Conversion runs in one process at TP1PP1: resharding
+from or to any layout is dist_checkpointing's job at load time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from pretrain.convert import hf_config, mapping
+from pretrain.model.config import NeoModelConfig
+
+# NEO's added tokens, in the reference's order (shared/spec/NEO_MODEL.md, "Tokens").
+NEO_SPECIAL_TOKENS = (
+    "<IMG_CONTEXT>", "<img>", "</img>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+    "<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>",
+)
+VOCAB_MULTIPLE = 128  # embedding rows are padded to this (divisible by any TP size we use)
+SHARD_BYTES = 5 * 1024**3
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def read_safetensors(src: str | Path) -> dict[str, torch.Tensor]:
+    src = Path(src)
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{src} holds no .safetensors weights")
+    sd = {}
+    for name in files:
+        sd.update(load_file(src / name))
+    return sd
+
+
+def write_safetensors(sd: dict[str, torch.Tensor], out: Path) -> None:
+    """One file, or shards of at most SHARD_BYTES with HF's index, like save_pretrained."""
+    shards, current, size = [], {}, 0
+    for key in sorted(sd):
+        nbytes = sd[key].numel() * sd[key].element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[key], size = sd[key].contiguous(), size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def read_model_config(ckpt: str | Path) -> NeoModelConfig:
+    path = Path(ckpt) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt} is not one of our checkpoints (no config.yaml)")
+    return NeoModelConfig(**yaml.safe_load(path.read_text())["model"])
+
+
+# ------------------------------------------------------------------------------ model in-process
+
+
+@contextlib.contextmanager
+def single_process_model(neo: NeoModelConfig, init: bool = True, seed: int = 1234):
+    """A TP1PP1 NeoModel in this process (joins a 1-rank group if none exists)."""
+    from pretrain.distributed import runtime, spawn
+    from pretrain.model.neo import NeoModel, transformer_config
+
+    own_group = not torch.distributed.is_initialized()
+    if own_group:
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(spawn.free_port())),
+                           ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)
+        runtime.init_distributed()
+    try:
+        with runtime.model_parallel(1, 1, seed=seed):
+            yield NeoModel(transformer_config(neo, init_weights=init), neo)
+    finally:
+        if own_group:
+            runtime.shutdown()
+
+
+def load_full_state_dict(model, sd: dict[str, torch.Tensor]) -> None:
+    """Load every weight of a TP1PP1 model from ``sd``; megatron's ``_extra_state`` entries (empty
+    TransformerEngine hooks) are the only keys allowed to be absent."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def save_model_checkpoint(model, neo: NeoModelConfig, out: str | Path, tokenizer=None) -> None:
+    """Weights + model config (+ tokenizer): a checkpoint training can start from. Collective."""
+    from pretrain.checkpoint.weights import save_weights
+
+    out = Path(out)
+    save_weights(model, out / "model")
+    if torch.distributed.get_rank() == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump({"model": asdict(neo)}, sort_keys=False))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / "tokenizer")
+
+
+# ------------------------------------------------------------------------------------ from HF
+
+
+def _grow_vocab(tokenizer, neo: NeoModelConfig, sd: dict[str, torch.Tensor]) -> None:
+    """Add NEO's special tokens; grow the embedding (and untied LM head) rows if they no longer
+    fit, new rows at the mean embedding (a neutral start), padded to VOCAB_MULTIPLE."""
+    missing = [t for t in NEO_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    needed = len(tokenizer)
+    if needed <= neo.vocab_size:
+        return
+    new_size = -(-needed // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in sd:
+            old = sd[key]
+            extra = old.mean(dim=0, keepdim=True).expand(new_size - old.shape[0], -1)
+            sd[key] = torch.cat([old, extra.to(old.dtype)], dim=0)
+    neo.vocab_size = new_size
+
+
+def from_hf(src: str | Path, out: str | Path, pre_buffer_layers: int = 0, seed: int = 1234,
+            vision_hidden_size: int | None = None) -> NeoModelConfig:
+    """HF Qwen3 (as the post-LLM, spec init of the new weights) or reference NEO -> our checkpoint."""
+    from transformers import AutoTokenizer
+
+    src, out = Path(src), Path(out)
+    cfg = hf_config.read_config(src)
+    sd = {k: v.float() for k, v in read_safetensors(src).items()}
+    has_tokenizer = (src / "tokenizer_config.json").is_file() or (src / "tokenizer.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(src) if has_tokenizer else None
+
+    if cfg.get("model_type") == "neo_chat":
+        neo = hf_config.from_neo(cfg)
+        ours = mapping.neo_hf_to_ours(sd, neo)
+        with single_process_model(neo, init=False) as model:
+            load_full_state_dict(model, ours)
+            save_model_checkpoint(model, neo, out, tokenizer)
+        return neo
+
+    vision = {"vision_hidden_size": vision_hidden_size} if vision_hidden_size else {}
+    neo = hf_config.from_qwen3(cfg, pre_buffer_layers, **vision)
+    if tokenizer is not None:
+        _grow_vocab(tokenizer, neo, sd)
+    post_llm = mapping.qwen3_to_neo_hf(sd, neo)
+    with single_process_model(neo, init=True, seed=seed) as model:
+        fresh = mapping.ours_to_neo_hf(model.state_dict(), neo)  # pre-Buffer + vision: spec init
+        for key, value in post_llm.items():
+            if key not in fresh or fresh[key].shape != value.shape:
+                raise ValueError(f"{key}: the Qwen3 checkpoint does not fit the NEO shape {neo}")
+        load_full_state_dict(model, mapping.neo_hf_to_ours({**fresh, **post_llm}, neo))
+        save_model_checkpoint(model, neo, out, tokenizer)
+    return neo
+
+
+# -------------------------------------------------------------------------------------- to HF
+
+
+def to_hf(ckpt: str | Path, out: str | Path, qwen3: bool = False, dtype: str = "float32") -> None:
+    """Our checkpoint (any layout it was saved at) -> reference NEO HF dir, or plain Qwen3."""
+    from pretrain.checkpoint.weights import load_weights
+
+    ckpt, out = Path(ckpt), Path(out)
+    neo = read_model_config(ckpt)
+    torch_dtype = getattr(torch, dtype)
+    with single_process_model(neo, init=False) as model:
+        load_weights(model, ckpt / "model")
+        hf = mapping.ours_to_neo_hf({k: v.detach() for k, v in model.state_dict().items() if torch.is_tensor(v)}, neo)
+    hf = {k: v.to(torch_dtype) for k, v in hf.items()}
+    special = {}
+    if (ckpt / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+        vocab = tok.get_vocab()
+        special = {f"{name}_token_id": vocab[token] for name, token in
+                   (("img_context", "<IMG_CONTEXT>"), ("img_start", "<img>"), ("img_end", "</img>")) if token in vocab}
+    out.mkdir(parents=True, exist_ok=True)
+    if qwen3:
+        hf, config = mapping.neo_hf_to_qwen3(hf, neo), hf_config.to_qwen3(neo, dtype)
+    else:
+        config = hf_config.to_neo(neo, dtype, special)
+    write_safetensors(hf, out)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if (ckpt / "tokenizer").is_dir():
+        for f in (ckpt / "tokenizer").iterdir():
+            shutil.copy2(f, out / f.name)
