@@ -48,8 +48,9 @@ def make_inputs(root: Path, num: int, seed: int = 0) -> Path:
 
 
 def run(tsv: Path, output: Path, workers: int, energon: bool) -> tuple[float, dict]:
-    options = BuildOptions(image=ImageOptions(), image_root=str(tsv.parent), workers=workers,
-                           progress=False, energon=energon)
+    options = BuildOptions(
+        image=ImageOptions(), image_root=str(tsv.parent), workers=workers, progress=False, energon=energon
+    )
     entries = entries_for("captions", [tsv], SourceOptions())
     t0 = time.perf_counter()
     result = run_build(entries, output, options, {"command": "bench"}, describe="bench")
@@ -67,17 +68,23 @@ def main() -> int:
         t0 = time.perf_counter()
         tsv = make_inputs(tmp / "raw", args.num)
         in_bytes = sum(p.stat().st_size for p in (tmp / "raw" / "images").iterdir())
-        print(f"inputs: {args.num} JPEGs 512x512, {in_bytes / 1e6:.1f} MB (made in {time.perf_counter() - t0:.1f} s); "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"inputs: {args.num} JPEGs 512x512, {in_bytes / 1e6:.1f} MB "
+            f"(made in {time.perf_counter() - t0:.1f} s); {os.cpu_count()} CPUs"
+        )
         digests = {}
         for workers in args.workers:
             seconds, manifest = run(tsv, tmp / f"out-w{workers}", workers, args.energon)
             out_bytes = manifest["total_bytes"]
             n = manifest["counts"]["written"]
-            digests[workers] = hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()
-            print(f"workers={workers}: {n} samples in {seconds:.2f} s = {n / seconds:.0f} samples/s "
-                  f"({n / seconds / workers:.0f} per worker), {in_bytes / 1e6 / seconds:.1f} MB/s read, "
-                  f"{out_bytes / 1e6 / seconds:.1f} MB/s written")
+            digests[workers] = hashlib.sha256(
+                "".join(s["sha256"] for s in manifest["shards"]).encode()
+            ).hexdigest()
+            print(
+                f"workers={workers}: {n} samples in {seconds:.2f} s = {n / seconds:.0f} samples/s "
+                f"({n / seconds / workers:.0f} per worker), {in_bytes / 1e6 / seconds:.1f} MB/s read, "
+                f"{out_bytes / 1e6 / seconds:.1f} MB/s written"
+            )
         identical = len(set(digests.values())) == 1
         print(f"shards byte-identical across worker counts: {identical}")
         return 0 if identical else 1

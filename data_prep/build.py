@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 from data_prep.energon_prepare import energon_prepare
 from data_prep.images import ImageOptions
-from data_prep.manifest import MANIFEST_NAME, REJECTS_NAME, BuildStats, file_digest, make_manifest, write_json_atomic
+from data_prep.manifest import (
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    BuildStats,
+    file_digest,
+    make_manifest,
+    write_json_atomic,
+)
 from data_prep.output_dir import prepare_output
 from data_prep.process import ProcessConfig, Written, init_worker, process_chunk, process_item
 from data_prep.records import Item, Rejected
@@ -81,8 +88,14 @@ def dedupe_keys(entries: Iterable[Entry]) -> Iterator[Entry]:
         if isinstance(entry, Item):
             first = first_by_key.get(entry.key)
             if first is not None:
-                yield Rejected(entry.index, entry.source, entry.id, "duplicate_key",
-                               f"key {entry.key!r} (id {entry.id!r}) is already used by input #{first}", entry.record)
+                yield Rejected(
+                    entry.index,
+                    entry.source,
+                    entry.id,
+                    "duplicate_key",
+                    f"key {entry.key!r} (id {entry.id!r}) is already used by input #{first}",
+                    entry.record,
+                )
                 continue
             first_by_key[entry.key] = entry.index
         yield entry
@@ -99,16 +112,26 @@ def _chunks(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
         yield chunk
 
 
-def processed(entries: Iterable[Entry], config: ProcessConfig, workers: int, chunk_size: int) -> Iterator[Written | Rejected]:
-    """Results in input order. ``workers == 1`` runs in this process (no pool, easy to debug)."""
+def processed(
+    entries: Iterable[Entry], config: ProcessConfig, workers: int, chunk_size: int
+) -> Iterator[Written | Rejected]:
+    """Results in input order. ``workers == 1`` runs in this process (no pool, easy to debug).
+
+    Workers are *spawned*, so a script that calls this with workers > 1 needs the usual
+    ``if __name__ == "__main__":`` guard (``python -m data_prep`` has it).
+    """
     if workers <= 1:
         init_worker(config)
         for entry in entries:
             yield process_item(entry)
         return
     # spawn: children start clean (no inherited threads from tokenizers/torch, no fork hazards).
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=init_worker, initargs=(config,))
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(config,),
+    )
     try:
         window: deque = deque()
         for chunk in _chunks(entries, chunk_size):
@@ -124,20 +147,32 @@ def processed(entries: Iterable[Entry], config: ProcessConfig, workers: int, chu
 def _summary(output: Path, manifest: dict[str, Any], seconds: float) -> str:
     counts = manifest["counts"]
     reasons = sorted(((n, code) for code, n in manifest["rejects"].items() if n), reverse=True)
-    why = f" ({', '.join(f'{code} {n}' for n, code in reasons[:4])}{', ...' if len(reasons) > 4 else ''})" if reasons else ""
+    why = (
+        f" ({', '.join(f'{code} {n}' for n, code in reasons[:4])}{', ...' if len(reasons) > 4 else ''})"
+        if reasons
+        else ""
+    )
     out_mb = manifest["total_bytes"] / 1e6
     in_mb = counts["input_image_bytes"] / 1e6
     rate = counts["inputs"] / seconds if seconds > 0 else 0.0
     return (
-        f"data_prep: {counts['inputs']} inputs = {counts['written']} written + {counts['rejected']} rejected{why}; "
+        f"data_prep: {counts['inputs']} inputs = {counts['written']} written + "
+        f"{counts['rejected']} rejected{why}; "
         f"{len(manifest['shards'])} shard(s), {out_mb:.1f} MB in {seconds:.1f} s "
         f"({rate:.0f} samples/s, {in_mb / seconds if seconds > 0 else 0:.1f} MB/s read, "
         f"{out_mb / seconds if seconds > 0 else 0:.1f} MB/s written) -> {output}"
     )
 
 
-def run_build(entries: Iterable[Entry], output: Path, options: BuildOptions, source: dict[str, Any],
-              total: int | None = None, describe: str = "build", prepared: bool = False) -> BuildResult:
+def run_build(
+    entries: Iterable[Entry],
+    output: Path,
+    options: BuildOptions,
+    source: dict[str, Any],
+    total: int | None = None,
+    describe: str = "build",
+    prepared: bool = False,
+) -> BuildResult:
     """Run a whole build into ``output`` (which must be new, empty, or an old build with overwrite).
 
     ``source`` describes the inputs for the manifest (files and their digests, or the synthetic
@@ -155,23 +190,40 @@ def run_build(entries: Iterable[Entry], output: Path, options: BuildOptions, sou
     rejects_partial = output / f".{REJECTS_NAME}.partial"
     progress_disabled = None if options.progress is None else not options.progress
     try:
-        with open(rejects_partial, "w", encoding="ascii") as rejects_file, tqdm(
-            total=total, desc=describe, unit="sample", disable=progress_disabled, file=sys.stderr,
-            mininterval=0.5, dynamic_ncols=True,
-        ) as bar:
+        with (
+            open(rejects_partial, "w", encoding="ascii") as rejects_file,
+            tqdm(
+                total=total,
+                desc=describe,
+                unit="sample",
+                disable=progress_disabled,
+                file=sys.stderr,
+                mininterval=0.5,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
             log = RejectLog(rejects_file)
             expected = 0
             for result in processed(dedupe_keys(entries), config, options.workers, options.chunk_size):
                 if result.index != expected:
-                    raise AssertionError(f"results out of order: got input #{result.index}, expected #{expected}")
+                    raise AssertionError(
+                        f"results out of order: got input #{result.index}, expected #{expected}"
+                    )
                 expected += 1
                 if isinstance(result, Rejected):
-                    log.add(result.index, result.id, result.source, result.code, result.message, result.record)
+                    log.add(
+                        result.index, result.id, result.source, result.code, result.message, result.record
+                    )
                     stats.add_rejected()
                 else:
                     writer.write(result.key, result.members)
-                    stats.add_written(result.kind, result.image_tokens, result.text_tokens, result.input_bytes,
-                                      result.tag_inserted)
+                    stats.add_written(
+                        result.kind,
+                        result.image_tokens,
+                        result.text_tokens,
+                        result.input_bytes,
+                        result.tag_inserted,
+                    )
                 bar.update(1)
             rejects_file.flush()
             os.fsync(rejects_file.fileno())
@@ -181,8 +233,13 @@ def run_build(entries: Iterable[Entry], output: Path, options: BuildOptions, sou
         rejects_partial.unlink(missing_ok=True)
         raise
     os.replace(rejects_partial, output / REJECTS_NAME)
-    manifest = make_manifest(build=recorded, stats=stats, reject_counts=log.counts,
-                             shards=[s.to_json() for s in shards], image_extension=options.image.extension)
+    manifest = make_manifest(
+        build=recorded,
+        stats=stats,
+        reject_counts=log.counts,
+        shards=[s.to_json() for s in shards],
+        image_extension=options.image.extension,
+    )
     if options.energon and shards:
         energon_prepare(output, len(shards))
     write_json_atomic(output / MANIFEST_NAME, manifest)  # last: its presence means "complete"

@@ -38,24 +38,59 @@ def _positive(text: str) -> int:
 
 def _add_common(p: argparse.ArgumentParser, min_pixels: int, max_pixels: int) -> None:
     g = p.add_argument_group("images and shards")
-    g.add_argument("--min-pixels", type=_positive, default=min_pixels, help=f"smart-resize floor (default {min_pixels})")
-    g.add_argument("--max-pixels", type=_positive, default=max_pixels, help=f"smart-resize ceiling (default {max_pixels})")
-    g.add_argument("--multi-image-budget", choices=("spec", "reference"), default="spec",
-                   help="'reference': records with n>1 images give each max(max_pixels*2//n, min_pixels), as the "
-                        "reference loader does (default: spec, every image gets max_pixels)")
-    g.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS,
-                   help=f"decoded pixel count over which an image is a decompression bomb (default {DEFAULT_MAX_IMAGE_PIXELS})")
-    g.add_argument("--image-format", choices=sorted(IMAGE_FORMATS), default="jpeg", help="stored image format (default jpeg)")
+    g.add_argument(
+        "--min-pixels", type=_positive, default=min_pixels, help=f"smart-resize floor (default {min_pixels})"
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=max_pixels,
+        help=f"smart-resize ceiling (default {max_pixels})",
+    )
+    g.add_argument(
+        "--multi-image-budget",
+        choices=("spec", "reference"),
+        default="spec",
+        help="'reference': records with n>1 images give each max(max_pixels*2//n, min_pixels), as the "
+        "reference loader does (default: spec, every image gets max_pixels)",
+    )
+    g.add_argument(
+        "--max-image-pixels",
+        type=_positive,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="decoded pixel count over which an image is a decompression bomb "
+        f"(default {DEFAULT_MAX_IMAGE_PIXELS})",
+    )
+    g.add_argument(
+        "--image-format",
+        choices=sorted(IMAGE_FORMATS),
+        default="jpeg",
+        help="stored image format (default jpeg)",
+    )
     g.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    g.add_argument("--shard-max-samples", type=_positive, default=10_000, help="samples per shard (default 10000)")
-    g.add_argument("--shard-max-bytes", type=_positive, default=1 << 30, help="bytes per shard (default 1 GiB)")
-    g.add_argument("--shard-prefix", default="shard", help="shard names are PREFIX-NNNNNN.tar (default shard)")
+    g.add_argument(
+        "--shard-max-samples", type=_positive, default=10_000, help="samples per shard (default 10000)"
+    )
+    g.add_argument(
+        "--shard-max-bytes", type=_positive, default=1 << 30, help="bytes per shard (default 1 GiB)"
+    )
+    g.add_argument(
+        "--shard-prefix", default="shard", help="shard names are PREFIX-NNNNNN.tar (default shard)"
+    )
     r = p.add_argument_group("running")
-    r.add_argument("--workers", type=_positive, default=_cpus(), help="worker processes (default: usable CPUs); "
-                   "the output is byte-identical for any value")
+    r.add_argument(
+        "--workers",
+        type=_positive,
+        default=_cpus(),
+        help="worker processes (default: usable CPUs); the output is byte-identical for any value",
+    )
     r.add_argument("--overwrite", action="store_true", help="replace an existing build in --output")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--no-energon", action="store_true", help="skip `energon prepare` (the directory will not load in Energon)")
+    r.add_argument(
+        "--no-energon",
+        action="store_true",
+        help="skip `energon prepare` (the directory will not load in Energon)",
+    )
 
 
 def _build_options(args: argparse.Namespace, image_root: str | None, tokenizer: str | None) -> BuildOptions:
@@ -87,15 +122,28 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="raw annotations + images -> validated WebDataset shards")
     b.add_argument("--format", required=True, choices=SOURCE_FORMATS)
-    b.add_argument("--annotations", required=True, nargs="+", type=Path,
-                   help="neo-json: .json/.jsonl; captions: .tsv/.csv/.parquet; text: .jsonl/.json")
-    b.add_argument("--image-root", type=Path, default=None,
-                   help="relative image paths are resolved against it (default: the first annotation file's directory)")
+    b.add_argument(
+        "--annotations",
+        required=True,
+        nargs="+",
+        type=Path,
+        help="neo-json: .json/.jsonl; captions: .tsv/.csv/.parquet; text: .jsonl/.json",
+    )
+    b.add_argument(
+        "--image-root",
+        type=Path,
+        default=None,
+        help="relative image paths are resolved against it (default: the first annotation file's directory)",
+    )
     b.add_argument("--output", required=True, type=Path)
     b.add_argument("--tokenizer", type=Path, default=None, help="HF tokenizer dir: adds text-token counts")
-    b.add_argument("--id-field", default="id", help="neo-json/text: record id field (default id; positional if absent)")
+    b.add_argument(
+        "--id-field", default="id", help="neo-json/text: record id field (default id; positional if absent)"
+    )
     b.add_argument("--text-field", default="text", help="text: the text field (default text)")
-    b.add_argument("--image-column", default="image", help="captions: image path/bytes column (default image)")
+    b.add_argument(
+        "--image-column", default="image", help="captions: image path/bytes column (default image)"
+    )
     b.add_argument("--caption-column", default="caption", help="captions: caption column (default caption)")
     b.add_argument("--id-column", default=None, help="captions: id column (default: positional ids)")
     _add_common(b, PRETRAIN_MIN_PIXELS, PRETRAIN_MAX_PIXELS)
@@ -106,9 +154,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, type=Path)
     s.add_argument("--num", required=True, type=_positive, help="number of inputs to generate")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--split", choices=SPLITS, default="train", help="train and heldout never share an image or text")
-    s.add_argument("--mix", default=None, help="kind weights, e.g. caption=0.35,conversation=0.5,text=0.15 (the default)")
-    s.add_argument("--vocab-size", type=_positive, default=1024, help="demo tokenizer vocabulary (default 1024)")
+    s.add_argument(
+        "--split", choices=SPLITS, default="train", help="train and heldout never share an image or text"
+    )
+    s.add_argument(
+        "--mix", default=None, help="kind weights, e.g. caption=0.35,conversation=0.5,text=0.15 (the default)"
+    )
+    s.add_argument(
+        "--vocab-size", type=_positive, default=1024, help="demo tokenizer vocabulary (default 1024)"
+    )
     _add_common(s, SYNTHETIC_MIN_PIXELS, SYNTHETIC_MAX_PIXELS)
 
     v = sub.add_parser("verify", help="decode every sample of every shard and check it against the manifest")
@@ -165,11 +219,24 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     source = {
         "command": "synthetic",
         "source_format": "synthetic",
-        "generator": {"version": synthetic.GENERATOR_VERSION, "num": args.num, "seed": args.seed,
-                      "split": args.split, "mix": mix, "vocab_size": args.vocab_size},
+        "generator": {
+            "version": synthetic.GENERATOR_VERSION,
+            "num": args.num,
+            "seed": args.seed,
+            "split": args.split,
+            "mix": mix,
+            "vocab_size": args.vocab_size,
+        },
     }
-    result = run_build(iter(items), output, options, source, total=len(items),
-                       describe=f"synthetic {args.split}", prepared=True)
+    result = run_build(
+        iter(items),
+        output,
+        options,
+        source,
+        total=len(items),
+        describe=f"synthetic {args.split}",
+        prepared=True,
+    )
     print(result.summary)
     print(f"tokenizer: {tokenizer_dir}")
     return 0
@@ -197,9 +264,21 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    commands = {"build": cmd_build, "synthetic": cmd_synthetic, "verify": cmd_verify, "tokenizer": cmd_tokenizer}
+    commands = {
+        "build": cmd_build,
+        "synthetic": cmd_synthetic,
+        "verify": cmd_verify,
+        "tokenizer": cmd_tokenizer,
+    }
     try:
         return commands[args.command](args)
-    except (SourceError, OutputDirError, FileExistsError, FileNotFoundError, EnergonPrepareError, ValueError) as exc:
+    except (
+        SourceError,
+        OutputDirError,
+        FileExistsError,
+        FileNotFoundError,
+        EnergonPrepareError,
+        ValueError,
+    ) as exc:
         print(f"data_prep {args.command}: error: {exc}", file=sys.stderr)
         return 2 if not isinstance(exc, EnergonPrepareError) else 1

@@ -12,7 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-ENERGON_ARGS = ("--non-interactive", "--split-ratio", "1,0,0", "--sample-type", "CrudeWebdataset", "--no-progress")
+ENERGON_ARGS = (
+    "--non-interactive",
+    "--split-ratio",
+    "1,0,0",
+    "--sample-type",
+    "CrudeWebdataset",
+    "--no-progress",
+)
 
 
 class EnergonPrepareError(RuntimeError):
@@ -21,8 +28,16 @@ class EnergonPrepareError(RuntimeError):
 
 def energon_prepare(directory: Path, num_shards: int, timeout: float = 3600) -> None:
     workers = max(1, min(num_shards, os.cpu_count() or 1, 8))
-    cmd = [sys.executable, "-m", "megatron.energon.cli.main", "prepare", str(directory), *ENERGON_ARGS,
-           "--num-workers", str(workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron.energon.cli.main",
+        "prepare",
+        str(directory),
+        *ENERGON_ARGS,
+        "--num-workers",
+        str(workers),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -99,13 +99,17 @@ class ImageOptions:
 
     def __post_init__(self) -> None:
         if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {self.image_format!r}")
+            raise ValueError(
+                f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {self.image_format!r}"
+            )
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in 1..100, got {self.quality}")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         if self.multi_image_budget not in ("spec", "reference"):
-            raise ValueError(f"multi_image_budget must be 'spec' or 'reference', got {self.multi_image_budget!r}")
+            raise ValueError(
+                f"multi_image_budget must be 'spec' or 'reference', got {self.multi_image_budget!r}"
+            )
         if self.max_image_pixels <= 0:
             raise ValueError("max_image_pixels must be positive")
 
@@ -150,7 +154,9 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
     if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
         return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
     if data[:2] == b"BM" and len(data) >= 26:
-        return abs(int.from_bytes(data[18:22], "little", signed=True)), abs(int.from_bytes(data[22:26], "little", signed=True))
+        return abs(int.from_bytes(data[18:22], "little", signed=True)), abs(
+            int.from_bytes(data[22:26], "little", signed=True)
+        )
     return None
 
 
@@ -167,8 +173,13 @@ def _open(data: bytes, max_image_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         declared = _declared_size(data)
         if declared is not None and 0 in declared:
-            raise Reject("zero_size", f"the image header declares a zero dimension ({declared[0]}x{declared[1]})") from None
-        raise Reject("corrupt_image", f"not a recognised image ({len(data)} bytes; allowed: {', '.join(ALLOWED_FORMATS)})") from None
+            raise Reject(
+                "zero_size", f"the image header declares a zero dimension ({declared[0]}x{declared[1]})"
+            ) from None
+        raise Reject(
+            "corrupt_image",
+            f"not a recognised image ({len(data)} bytes; allowed: {', '.join(ALLOWED_FORMATS)})",
+        ) from None
     except Exception as exc:  # PIL raises many types on hostile headers
         raise Reject("corrupt_image", f"cannot parse image header: {type(exc).__name__}: {exc}") from None
     width, height = img.size
@@ -189,7 +200,10 @@ def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
     """Scale 16-bit grey to 8 bits (PIL's own convert would clip everything above 255 to white)."""
     arr = np.asarray(img)
     if img.mode == "I" and (arr.min() < 0 or arr.max() > 65535):
-        raise Reject("unsupported_image", f"32-bit integer image with values outside 0..65535 ({arr.min()}..{arr.max()})")
+        raise Reject(
+            "unsupported_image",
+            f"32-bit integer image with values outside 0..65535 ({arr.min()}..{arr.max()})",
+        )
     arr = arr.astype(np.uint32)
     grey = ((arr * 255 + 32767) // 65535).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
@@ -232,7 +246,9 @@ def decode_rgb(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
     except Reject:
         raise
     except Exception as exc:
-        raise Reject("corrupt_image", f"cannot decode {img.format} data: {type(exc).__name__}: {exc}") from None
+        raise Reject(
+            "corrupt_image", f"cannot decode {img.format} data: {type(exc).__name__}: {exc}"
+        ) from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:

@@ -75,8 +75,14 @@ class BuildStats:
         self.text_tokens_per_sample = Distribution()
         self.has_text_tokens = False
 
-    def add_written(self, kind: str, image_tokens: list[int], text_tokens: int | None, input_bytes: int,
-                    tag_inserted: bool) -> None:
+    def add_written(
+        self,
+        kind: str,
+        image_tokens: list[int],
+        text_tokens: int | None,
+        input_bytes: int,
+        tag_inserted: bool,
+    ) -> None:
         self.inputs += 1
         self.written += 1
         self.by_kind[kind] += 1
@@ -119,8 +125,14 @@ def environment() -> dict[str, str]:
     }
 
 
-def make_manifest(*, build: dict[str, Any], stats: BuildStats, reject_counts: dict[str, int],
-                  shards: list[dict[str, Any]], image_extension: str) -> dict[str, Any]:
+def make_manifest(
+    *,
+    build: dict[str, Any],
+    stats: BuildStats,
+    reject_counts: dict[str, int],
+    shards: list[dict[str, Any]],
+    image_extension: str,
+) -> dict[str, Any]:
     rejected = sum(reject_counts.values())
     if stats.inputs != stats.written + rejected:
         raise AssertionError(f"inputs {stats.inputs} != written {stats.written} + rejected {rejected}")
@@ -147,7 +159,9 @@ def make_manifest(*, build: dict[str, Any], stats: BuildStats, reject_counts: di
             "image_tokens_per_image": stats.image_tokens_per_image.summary(),
             "image_tokens_per_sample": stats.image_tokens_per_sample.summary(),
             "images_per_sample": stats.images_per_sample.summary(),
-            "text_tokens_per_sample": stats.text_tokens_per_sample.summary() if stats.has_text_tokens else None,
+            "text_tokens_per_sample": stats.text_tokens_per_sample.summary()
+            if stats.has_text_tokens
+            else None,
         },
         "shards": shards,
         "total_bytes": sum(s["bytes"] for s in shards),

@@ -112,7 +112,9 @@ def process_item(item: Item | Rejected) -> Written | Rejected:
                 except Reject:
                     raise
                 except Exception as exc:  # one odd file must not stop a multi-hour build
-                    raise Reject("corrupt_image", f"unexpected {type(exc).__name__} while processing: {exc}") from None
+                    raise Reject(
+                        "corrupt_image", f"unexpected {type(exc).__name__} while processing: {exc}"
+                    ) from None
             except Reject as rej:
                 if len(item.images) > 1:
                     raise Reject(rej.code, f"image {i}: {rej.message}") from None

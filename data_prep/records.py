@@ -10,14 +10,14 @@ and that edit is flagged in the sample and counted in the manifest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from data_prep.rejects import Reject
 from data_prep.schema import IMAGE_TAG, RESERVED_STRINGS, make_key
 
 # An image reference: a file path (str), the encoded bytes themselves (parquet tables often embed
 # them), or a synthetic scene description (dict) that the worker renders.
-ImageRef = Union[str, bytes, dict]
+ImageRef = str | bytes | dict
 
 ROLE_MAP = {
     "human": "user",
@@ -92,7 +92,10 @@ def record_id(record: dict[str, Any], field_name: str | None, default: str) -> s
         return default
     value = record[field_name]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise Reject("malformed_record", f"id field {field_name!r} must be a string or an integer, got {type(value).__name__}")
+        raise Reject(
+            "malformed_record",
+            f"id field {field_name!r} must be a string or an integer, got {type(value).__name__}",
+        )
     value = str(value)
     if not value:
         raise Reject("malformed_record", f"id field {field_name!r} is empty")
@@ -124,13 +127,19 @@ def normalise_conversation(turns: Any, num_images: int) -> tuple[list[dict[str, 
             raise Reject("malformed_conversation", f"turn {i} has no 'value'/'content' string")
         role = ROLE_MAP.get(raw_role.strip().lower())
         if role is None:
-            raise Reject("unknown_role", f"turn {i} has role {raw_role!r} (expected human/user, gpt/assistant or system)")
+            raise Reject(
+                "unknown_role",
+                f"turn {i} has role {raw_role!r} (expected human/user, gpt/assistant or system)",
+            )
         check_text(content, f"turn {i}")
         out.append({"role": role, "content": content})
 
     for i, turn in enumerate(out):
         if turn["role"] == "system" and i != 0:
-            raise Reject("malformed_conversation", f"system turn at position {i}; only the first turn may be a system turn")
+            raise Reject(
+                "malformed_conversation",
+                f"system turn at position {i}; only the first turn may be a system turn",
+            )
     dialogue = out[1:] if out[0]["role"] == "system" else out
     if not dialogue or dialogue[0]["role"] != "user":
         raise Reject("malformed_conversation", "the first non-system turn must be a user turn")
@@ -167,7 +176,9 @@ def _image_list(record: dict[str, Any]) -> list[str]:
     return list(paths)
 
 
-def conversation_item(index: int, source: str, record: Any, default_id: str, id_field: str | None = "id") -> Item:
+def conversation_item(
+    index: int, source: str, record: Any, default_id: str, id_field: str | None = "id"
+) -> Item:
     """A NEO / LLaVA conversation record -> Item (raises Reject)."""
     if not isinstance(record, dict):
         raise Reject("malformed_record", f"a record must be a JSON object, got {type(record).__name__}")
@@ -177,11 +188,27 @@ def conversation_item(index: int, source: str, record: Any, default_id: str, id_
         raise Reject("malformed_record", "record has no 'conversations'")
     turns, inserted = normalise_conversation(record["conversations"], len(images))
     extra = {"image_tag_inserted": True} if inserted else {}
-    return Item(index, source, sample_id, "conversation", list(images), conversations=turns, extra=extra, record=record)
+    return Item(
+        index,
+        source,
+        sample_id,
+        "conversation",
+        list(images),
+        conversations=turns,
+        extra=extra,
+        record=record,
+    )
 
 
-def caption_item(index: int, source: str, record: dict[str, Any], image: Any, caption: Any, default_id: str,
-                 id_field: str | None = None) -> Item:
+def caption_item(
+    index: int,
+    source: str,
+    record: dict[str, Any],
+    image: Any,
+    caption: Any,
+    default_id: str,
+    id_field: str | None = None,
+) -> Item:
     """One caption-table row -> Item (raises Reject). ``image`` is a path or the encoded bytes."""
     sample_id = record_id(record, id_field, default_id)
     if isinstance(image, dict):  # HF datasets' Image feature: {"bytes": ..., "path": ...}
@@ -196,12 +223,20 @@ def caption_item(index: int, source: str, record: dict[str, Any], image: Any, ca
     if not caption.strip():
         raise Reject("empty_text", "the caption is empty")
     if IMAGE_TAG in caption:
-        raise Reject("image_tag_mismatch", f"a caption must not contain {IMAGE_TAG} (its one image is implicit)")
+        raise Reject(
+            "image_tag_mismatch", f"a caption must not contain {IMAGE_TAG} (its one image is implicit)"
+        )
     return Item(index, source, sample_id, "caption", [image], text=caption, record=record)
 
 
-def text_item(index: int, source: str, record: Any, default_id: str, text_field: str = "text",
-              id_field: str | None = "id") -> Item:
+def text_item(
+    index: int,
+    source: str,
+    record: Any,
+    default_id: str,
+    text_field: str = "text",
+    id_field: str | None = "id",
+) -> Item:
     """A text-only record -> Item (raises Reject)."""
     if not isinstance(record, dict):
         raise Reject("malformed_record", f"a record must be a JSON object, got {type(record).__name__}")

@@ -19,7 +19,9 @@ REASONS: dict[str, str] = {
     "invalid_utf8": "text that is not valid UTF-8",
     "malformed_record": "the record is not an object or a field has the wrong type / is missing",
     "empty_conversation": "the conversation list is empty",
-    "malformed_conversation": "turn structure is wrong (bad turn, system not first, no assistant turn, empty turn)",
+    "malformed_conversation": (
+        "turn structure is wrong (bad turn, system not first, no assistant turn, empty turn)"
+    ),
     "unknown_role": "a turn's role is not human/user, gpt/assistant or system",
     "empty_text": "caption or text is empty",
     "image_tag_mismatch": "the number of <image> tags differs from the number of images",
@@ -84,7 +86,9 @@ class RejectLog:
         self._stream = stream
         self.counts: dict[str, int] = {code: 0 for code in REASONS}
 
-    def add(self, index: int, sample_id: str | None, source: str, code: str, message: str, record: Any) -> None:
+    def add(
+        self, index: int, sample_id: str | None, source: str, code: str, message: str, record: Any
+    ) -> None:
         self._stream.write(reject_line(index, sample_id, source, code, message, record))
         self.counts[code] += 1
 

@@ -88,7 +88,13 @@ def validate_sample(sample: Any, image_extension: str | None = None) -> list[str
     errors: list[str] = []
     if not isinstance(sample, dict):
         return [f"sample JSON is a {type(sample).__name__}, not an object"]
-    for field, typ in (("id", str), ("source", str), ("kind", str), ("images", list), ("num_image_tokens", int)):
+    for field, typ in (
+        ("id", str),
+        ("source", str),
+        ("kind", str),
+        ("images", list),
+        ("num_image_tokens", int),
+    ):
         if not isinstance(sample.get(field), typ):
             errors.append(f"field {field!r} missing or not {typ.__name__}")
     if errors:
@@ -107,8 +113,12 @@ def validate_sample(sample: Any, image_extension: str | None = None) -> list[str
             errors.append("kind 'conversation' needs a non-empty 'conversations' list")
         else:
             for i, turn in enumerate(turns):
-                if not (isinstance(turn, dict) and set(turn) == {"role", "content"}
-                        and turn["role"] in ROLES and isinstance(turn["content"], str)):
+                if not (
+                    isinstance(turn, dict)
+                    and set(turn) == {"role", "content"}
+                    and turn["role"] in ROLES
+                    and isinstance(turn["content"], str)
+                ):
                     errors.append(f"turn {i} is not {{'role': system|user|assistant, 'content': str}}")
         if "text" in sample:
             errors.append("kind 'conversation' must not carry 'text'")

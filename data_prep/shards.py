@@ -89,8 +89,9 @@ class ShardWriter:
     a single sample larger than ``max_bytes`` gets a shard of its own.
     """
 
-    def __init__(self, directory: Path, prefix: str = "shard", max_samples: int = 10_000,
-                 max_bytes: int = 1 << 30):
+    def __init__(
+        self, directory: Path, prefix: str = "shard", max_samples: int = 10_000, max_bytes: int = 1 << 30
+    ):
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("shard limits must be positive")
         self.directory = Path(directory)
@@ -130,8 +131,16 @@ class ShardWriter:
         self._file.close()
         size = self._hasher.tell()
         os.replace(self._partial_path(index), self._final_path(index))
-        self.shards.append(ShardInfo(self._final_path(index).name, self._count, size, self._hasher.hexdigest,
-                                     self._first_key, self._last_key))
+        self.shards.append(
+            ShardInfo(
+                self._final_path(index).name,
+                self._count,
+                size,
+                self._hasher.hexdigest,
+                self._first_key,
+                self._last_key,
+            )
+        )
         self._tar = self._file = self._hasher = None
 
     def write(self, key: str, members: list[tuple[str, bytes]]) -> None:

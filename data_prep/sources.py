@@ -12,10 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from data_prep.records import Item, Rejected, caption_item, conversation_item, has_invalid_utf8, text_item
 from data_prep.rejects import Reject
@@ -74,12 +74,18 @@ def _raw_json_entries(path: Path, document: list[Any] | None) -> Iterator[tuple[
                 try:
                     yield f"{lineno}", json.loads(line), None
                 except json.JSONDecodeError as exc:
-                    yield f"{lineno}", line[:_MAX_REPORTED_LINE], Reject("malformed_json", f"line {lineno}: {exc}")
+                    yield (
+                        f"{lineno}",
+                        line[:_MAX_REPORTED_LINE],
+                        Reject("malformed_json", f"line {lineno}: {exc}"),
+                    )
         return
     raise SourceError(f"{path.name}: expected a .json or .jsonl file")
 
 
-def iter_json_records(path: Path, document: list[Any] | None = None) -> Iterator[tuple[str, Any, Reject | None]]:
+def iter_json_records(
+    path: Path, document: list[Any] | None = None
+) -> Iterator[tuple[str, Any, Reject | None]]:
     """Flatten packed entries: (default id, record, parse problem) per input."""
     for label, value, problem in _raw_json_entries(path, document):
         default_id = f"{path.name}:{label}"
@@ -87,46 +93,64 @@ def iter_json_records(path: Path, document: list[Any] | None = None) -> Iterator
             yield default_id, value, problem
         elif isinstance(value, list):
             if not value:
-                yield default_id, value, Reject("malformed_record", "an empty packed entry (a list holding no record)")
+                yield (
+                    default_id,
+                    value,
+                    Reject("malformed_record", "an empty packed entry (a list holding no record)"),
+                )
             for j, sub in enumerate(value):
                 yield f"{default_id}.{j}", sub, None
         else:
             yield default_id, value, None
 
 
-def _guarded(index: int, source: str, record: Any, default_id: str, make: Callable[[], Item]) -> Entry:
-    """Build an Item, turning any Reject into Rejected with the record kept for the report."""
+def _guarded(
+    index: int,
+    source: str,
+    record: Any,
+    default_id: str,
+    id_field: str | None,
+    make: Callable[..., Item],
+    *args,
+) -> Entry:
+    """``make(*args)``, turning any Reject into Rejected with the record kept for the report."""
     try:
         if has_invalid_utf8(record):
             raise Reject("invalid_utf8", "the record holds bytes that are not valid UTF-8")
-        return make()
+        return make(*args)
     except Reject as rej:
-        rid = record.get("id") if isinstance(record, dict) else None
+        rid = record.get(id_field) if isinstance(record, dict) and id_field else None
         rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else default_id
         return Rejected(index, source, rid, rej.code, rej.message, record)
 
 
-def neo_json_entries(paths: list[Path], options: SourceOptions, documents: dict[Path, list[Any]]) -> Iterator[Entry]:
+def neo_json_entries(
+    paths: list[Path], options: SourceOptions, documents: dict[Path, list[Any]]
+) -> Iterator[Entry]:
     index = 0
     for path in paths:
         for default_id, record, problem in iter_json_records(path, documents.get(path)):
             if problem is not None:
                 yield Rejected(index, path.name, default_id, problem.code, problem.message, record)
             else:
-                yield _guarded(index, path.name, record, default_id,
-                               lambda: conversation_item(index, path.name, record, default_id, options.id_field))
+                args = (index, path.name, record, default_id, options.id_field)
+                yield _guarded(
+                    index, path.name, record, default_id, options.id_field, conversation_item, *args
+                )
             index += 1
 
 
-def text_entries(paths: list[Path], options: SourceOptions, documents: dict[Path, list[Any]]) -> Iterator[Entry]:
+def text_entries(
+    paths: list[Path], options: SourceOptions, documents: dict[Path, list[Any]]
+) -> Iterator[Entry]:
     index = 0
     for path in paths:
         for default_id, record, problem in iter_json_records(path, documents.get(path)):
             if problem is not None:
                 yield Rejected(index, path.name, default_id, problem.code, problem.message, record)
             else:
-                yield _guarded(index, path.name, record, default_id,
-                               lambda: text_item(index, path.name, record, default_id, options.text_field, options.id_field))
+                args = (index, path.name, record, default_id, options.text_field, options.id_field)
+                yield _guarded(index, path.name, record, default_id, options.id_field, text_item, *args)
             index += 1
 
 
@@ -162,9 +186,12 @@ def _table_rows(path: Path, columns: list[str]) -> Iterator[tuple[dict[str, Any]
             if not row:
                 continue
             if len(row) != len(header):
-                yield row, Reject("malformed_record", f"row has {len(row)} fields, the header has {len(header)}")
+                yield (
+                    row,
+                    Reject("malformed_record", f"row has {len(row)} fields, the header has {len(header)}"),
+                )
             else:
-                yield dict(zip(header, row)), None
+                yield dict(zip(header, row, strict=True)), None
 
 
 def _caption_columns(options: SourceOptions) -> list[str]:
@@ -180,9 +207,9 @@ def caption_entries(paths: list[Path], options: SourceOptions) -> Iterator[Entry
             if problem is not None:
                 yield Rejected(index, path.name, default_id, problem.code, problem.message, row)
             else:
-                yield _guarded(index, path.name, row, default_id, lambda: caption_item(
-                    index, path.name, row, row.get(options.image_column), row.get(options.caption_column),
-                    default_id, options.id_column))
+                image, caption = row.get(options.image_column), row.get(options.caption_column)
+                args = (index, path.name, row, image, caption, default_id, options.id_column)
+                yield _guarded(index, path.name, row, default_id, options.id_column, caption_item, *args)
             index += 1
 
 

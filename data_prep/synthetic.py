@@ -82,8 +82,16 @@ def _random_scene(rng: random.Random) -> dict[str, Any]:
         cx = rng.randint(r + 2, width - r - 3)
         cy = rng.randint(r + 2, height - r - 3)
         if all(abs(cx - o["cx"]) > r + o["r"] + 4 or abs(cy - o["cy"]) > r + o["r"] + 4 for o in objects):
-            objects.append({"shape": rng.choice(SHAPES), "color": rng.choice(sorted(COLORS)), "cx": cx, "cy": cy, "r": r})
-    return {"v": GENERATOR_VERSION, "w": width, "h": height, "bg": rng.choice(sorted(BACKGROUNDS)), "objects": objects}
+            objects.append(
+                {"shape": rng.choice(SHAPES), "color": rng.choice(sorted(COLORS)), "cx": cx, "cy": cy, "r": r}
+            )
+    return {
+        "v": GENERATOR_VERSION,
+        "w": width,
+        "h": height,
+        "bg": rng.choice(sorted(BACKGROUNDS)),
+        "objects": objects,
+    }
 
 
 def scene_in_split(rng: random.Random, split: str) -> dict[str, Any]:
@@ -145,13 +153,17 @@ def _question(rng: random.Random, qa_type: str, scene: dict[str, Any]) -> tuple[
         if not pick:
             return None
         o = rng.choice(pick)
-        return rng.choice(("What color is the {s}?", "Which color does the {s} have?")).format(s=o["shape"]), o["color"]
+        return rng.choice(("What color is the {s}?", "Which color does the {s} have?")).format(
+            s=o["shape"]
+        ), o["color"]
     if qa_type == "shape":
         pick = _unique(objs, "color")
         if not pick:
             return None
         o = rng.choice(pick)
-        return rng.choice(("What shape is the {c} object?", "Which shape is {c}?")).format(c=o["color"]), o["shape"]
+        return rng.choice(("What shape is the {c} object?", "Which shape is {c}?")).format(c=o["color"]), o[
+            "shape"
+        ]
     if qa_type == "count":
         what = rng.random()
         if what < 0.4:
@@ -176,7 +188,9 @@ def _question(rng: random.Random, qa_type: str, scene: dict[str, Any]) -> tuple[
         o, axis = rng.choice(candidates)
         name = f"{o['color']} {o['shape']}"
         if axis == "h":
-            return f"Is the {name} on the left or on the right?", "left" if o["cx"] < scene["w"] / 2 else "right"
+            return f"Is the {name} on the left or on the right?", "left" if o["cx"] < scene[
+                "w"
+            ] / 2 else "right"
         return f"Is the {name} at the top or at the bottom?", "top" if o["cy"] < scene["h"] / 2 else "bottom"
     raise ValueError(qa_type)
 
@@ -201,7 +215,8 @@ def _text_sentence(rng: random.Random) -> str:
         return rng.choice(TEXT_FACTS)
     if roll < 0.65:
         a, b = rng.randint(0, 4), rng.randint(0, 4)
-        return f"{NUMBER_WORDS[a].capitalize()} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}, written {a + b}."
+        words = NUMBER_WORDS
+        return f"{words[a].capitalize()} plus {words[b]} is {words[a + b]}, written {a + b}."
     color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
     n = rng.randint(1, 4)
     plural = "s" if n > 1 else ""
@@ -233,11 +248,21 @@ def make_item(seed: int, split: str, index: int, mix: dict[str, float]) -> Item:
             text = _text_sentence(rng)
             if split_of("text:" + text) == split:
                 break
-        return Item(index, source, sample_id, "text", [], text=text, record={"generator": "synthetic", "text": text})
+        return Item(
+            index, source, sample_id, "text", [], text=text, record={"generator": "synthetic", "text": text}
+        )
     if kind == "caption":
         scene = scene_in_split(rng, split)
-        return Item(index, source, sample_id, "caption", [scene], text=caption_for(scene),
-                    extra={"scenes": [scene]}, record={"generator": "synthetic", "scenes": [scene]})
+        return Item(
+            index,
+            source,
+            sample_id,
+            "caption",
+            [scene],
+            text=caption_for(scene),
+            extra={"scenes": [scene]},
+            record={"generator": "synthetic", "scenes": [scene]},
+        )
     qa_type = rng.choices(QA_TYPES, weights=(0.23, 0.23, 0.23, 0.23, 0.08))[0]
     if qa_type == "compare":
         while True:
@@ -257,9 +282,16 @@ def make_item(seed: int, split: str, index: int, mix: dict[str, float]) -> Item:
         answer = qa[1]
         scenes = [scene]
     turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return Item(index, source, sample_id, "conversation", list(scenes), conversations=turns,
-                extra={"qa_type": qa_type, "answer": answer, "scenes": scenes},
-                record={"generator": "synthetic", "conversations": turns, "scenes": scenes})
+    return Item(
+        index,
+        source,
+        sample_id,
+        "conversation",
+        list(scenes),
+        conversations=turns,
+        extra={"qa_type": qa_type, "answer": answer, "scenes": scenes},
+        record={"generator": "synthetic", "conversations": turns, "scenes": scenes},
+    )
 
 
 def parse_mix(text: str | None) -> dict[str, float]:

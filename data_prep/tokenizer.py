@@ -45,7 +45,9 @@ def training_texts(sample: dict) -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: Iterable[str], output: Path, vocab_size: int = 1024, overwrite: bool = False) -> Path:
+def train_tokenizer(
+    texts: Iterable[str], output: Path, vocab_size: int = 1024, overwrite: bool = False
+) -> Path:
     """Train byte-level BPE on ``texts`` and save an HF tokenizer directory atomically.
 
     Deterministic for the same text in the same order (single-threaded training), so the demo
@@ -125,7 +127,7 @@ def texts_from_data(data_dirs: Iterable[Path]) -> Iterator[str]:
 
 
 class TextTokenCounter:
-    """Counts text tokens per sample with a tokenizer directory's tokenizer.json (fast, no transformers import)."""
+    """Counts text tokens per sample with a tokenizer dir's tokenizer.json (no transformers import)."""
 
     def __init__(self, tokenizer_dir: str | Path):
         from tokenizers import Tokenizer

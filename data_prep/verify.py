@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_prep.manifest import FORMAT_NAME, MANIFEST_NAME, REJECTS_NAME, load_manifest
+from data_prep.manifest import FORMAT_NAME, REJECTS_NAME, load_manifest
 from data_prep.schema import SCHEMA_VERSION, image_member, make_key, validate_sample
 
 _MEMBER = re.compile(r"^([^./]+)\.([^/]+)$")
@@ -39,7 +39,8 @@ class VerifyReport:
 
     def summary(self) -> str:
         if self.ok:
-            return f"verify OK: {self.directory}: {self.shards} shard(s), {self.samples} samples, {self.images} images"
+            counts = f"{self.shards} shard(s), {self.samples} samples, {self.images} images"
+            return f"verify OK: {self.directory}: {counts}"
         return f"verify FAILED: {self.directory}: {len(self.errors)} problem(s)"
 
 
@@ -81,8 +82,10 @@ def _check_sample(key: str, parts: dict[str, bytes], ext: str, where: str, error
             errors.append(f"{where}: sample {key!r}: {name} does not decode: {type(exc).__name__}: {exc}")
             continue
         if size != info["size"] or mode != "RGB":
-            errors.append(f"{where}: sample {key!r}: {name} is {mode} {size[0]}x{size[1]}, json says RGB "
-                          f"{info['size'][0]}x{info['size'][1]}")
+            errors.append(
+                f"{where}: sample {key!r}: {name} is {mode} {size[0]}x{size[1]}, json says RGB "
+                f"{info['size'][0]}x{info['size'][1]}"
+            )
     return sample
 
 
@@ -140,8 +143,10 @@ def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
         errors.append(str(exc))
         return report
     if manifest.get("format") != FORMAT_NAME or manifest.get("schema_version") != SCHEMA_VERSION:
-        errors.append(f"manifest format {manifest.get('format')!r} v{manifest.get('schema_version')} is not "
-                      f"{FORMAT_NAME!r} v{SCHEMA_VERSION}")
+        errors.append(
+            f"manifest format {manifest.get('format')!r} v{manifest.get('schema_version')} is not "
+            f"{FORMAT_NAME!r} v{SCHEMA_VERSION}"
+        )
         return report
     ext = manifest["image_extension"]
     counts = manifest["counts"]
@@ -164,7 +169,9 @@ def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
         report.shards += 1
         size = path.stat().st_size
         if size != entry["bytes"]:
-            errors.append(f"{entry['name']}: {size} bytes, manifest says {entry['bytes']} (truncated or edited)")
+            errors.append(
+                f"{entry['name']}: {size} bytes, manifest says {entry['bytes']} (truncated or edited)"
+            )
         if _sha256(path) != entry["sha256"]:
             errors.append(f"{entry['name']}: sha256 differs from the manifest (edited after the build)")
         samples = _read_shard(path, ext, errors, seen_keys)
@@ -183,8 +190,9 @@ def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
             errors.append(f"{kinds.get(kind, 0)} {kind} samples, manifest says {n}")
     if report.images != counts["images"]:
         errors.append(f"{report.images} images, manifest says {counts['images']}")
-    if image_tokens != manifest["stats"]["image_tokens_per_sample"]["total"]:
-        errors.append(f"{image_tokens} image tokens, manifest says {manifest['stats']['image_tokens_per_sample']['total']}")
+    recorded_tokens = manifest["stats"]["image_tokens_per_sample"]["total"]
+    if image_tokens != recorded_tokens:
+        errors.append(f"{image_tokens} image tokens, manifest says {recorded_tokens}")
 
     rejects_path = directory / REJECTS_NAME
     if not rejects_path.is_file():
@@ -203,7 +211,9 @@ def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
         if sum(by_reason.values()) != counts["rejected"]:
             errors.append(f"{sum(by_reason.values())} rejects listed, manifest says {counts['rejected']}")
     if counts["inputs"] != counts["written"] + counts["rejected"]:
-        errors.append(f"inputs {counts['inputs']} != written {counts['written']} + rejected {counts['rejected']}")
+        errors.append(
+            f"inputs {counts['inputs']} != written {counts['written']} + rejected {counts['rejected']}"
+        )
 
     if check_energon and manifest["shards"]:
         meta = directory / ".nv-meta"

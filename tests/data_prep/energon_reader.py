@@ -9,7 +9,14 @@ from pathlib import Path
 
 def read_with_energon(path: Path) -> dict[str, dict[str, bytes]]:
     from megatron.energon import (
-        Cooker, DefaultTaskEncoder, Sample, WorkerConfig, basic_sample_keys, get_loader, get_train_dataset, stateless,
+        Cooker,
+        DefaultTaskEncoder,
+        Sample,
+        WorkerConfig,
+        basic_sample_keys,
+        get_loader,
+        get_train_dataset,
+        stateless,
     )
 
     @dataclasses.dataclass
@@ -18,7 +25,9 @@ def read_with_energon(path: Path) -> dict[str, dict[str, bytes]]:
 
     @stateless
     def cook(raw: dict) -> RawSample:
-        return RawSample(**basic_sample_keys(raw), parts={k: v for k, v in raw.items() if not k.startswith("__")})
+        return RawSample(
+            **basic_sample_keys(raw), parts={k: v for k, v in raw.items() if not k.startswith("__")}
+        )
 
     class RawEncoder(DefaultTaskEncoder):
         cookers = [Cooker(cook)]
@@ -28,8 +37,14 @@ def read_with_energon(path: Path) -> dict[str, dict[str, bytes]]:
             return samples
 
     dataset = get_train_dataset(
-        path, split_part="train", worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0), batch_size=None,
-        shuffle_buffer_size=None, max_samples_per_sequence=None, task_encoder=RawEncoder(), repeat=False,
+        path,
+        split_part="train",
+        worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
+        batch_size=None,
+        shuffle_buffer_size=None,
+        max_samples_per_sequence=None,
+        task_encoder=RawEncoder(),
+        repeat=False,
     )
     out: dict[str, dict[str, bytes]] = {}
     with warnings.catch_warnings():

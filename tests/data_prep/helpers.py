@@ -58,21 +58,43 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
 
 
 def conv(images: Any, question: str = "<image>\nWhat is this?", answer: str = "A thing.", **extra) -> dict:
-    record = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], **extra}
+    record = {
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+        **extra,
+    }
     if images is not None:
         record["image"] = images
     return record
 
 
-def build(fmt: str, annotations: list[Path], output: Path, *, image_root: Path | None = None, workers: int = 1,
-          energon: bool = False, source_options: SourceOptions | None = None, tokenizer: Path | None = None,
-          shard_max_samples: int = 10_000, shard_max_bytes: int = 1 << 30, overwrite: bool = False,
-          **image_kwargs) -> dict:
+def build(
+    fmt: str,
+    annotations: list[Path],
+    output: Path,
+    *,
+    image_root: Path | None = None,
+    workers: int = 1,
+    energon: bool = False,
+    source_options: SourceOptions | None = None,
+    tokenizer: Path | None = None,
+    shard_max_samples: int = 10_000,
+    shard_max_bytes: int = 1 << 30,
+    overwrite: bool = False,
+    **image_kwargs,
+) -> dict:
     """Run a real build through the same code as the CLI; returns the manifest."""
     image = ImageOptions(**{**SMALL, **image_kwargs})
-    options = BuildOptions(image=image, image_root=str(image_root) if image_root else None, workers=workers,
-                           progress=False, energon=energon, tokenizer=str(tokenizer) if tokenizer else None,
-                           shard_max_samples=shard_max_samples, shard_max_bytes=shard_max_bytes, overwrite=overwrite)
+    options = BuildOptions(
+        image=image,
+        image_root=str(image_root) if image_root else None,
+        workers=workers,
+        progress=False,
+        energon=energon,
+        tokenizer=str(tokenizer) if tokenizer else None,
+        shard_max_samples=shard_max_samples,
+        shard_max_bytes=shard_max_bytes,
+        overwrite=overwrite,
+    )
     entries = entries_for(fmt, annotations, source_options or SourceOptions())
     return run_build(entries, output, options, {"command": "test", "source_format": fmt}).manifest
 

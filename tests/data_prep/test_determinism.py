@@ -5,7 +5,6 @@ import tarfile
 
 from data_prep.cli import main
 from data_prep.synthetic import DEFAULT_MIX, make_items
-
 from tests.data_prep.helpers import build, conv, encode, jpeg, noise_rgb, write, write_jsonl
 
 
@@ -40,22 +39,37 @@ def test_workers_1_and_2_are_byte_identical(tmp_path):
     outs = {}
     for workers in (1, 2):
         outs[workers] = tmp_path / f"w{workers}"
-        manifest = build("neo-json", [ann], outs[workers], image_root=root, workers=workers, shard_max_samples=7)
+        manifest = build(
+            "neo-json", [ann], outs[workers], image_root=root, workers=workers, shard_max_samples=7
+        )
     files = assert_identical(outs[1], outs[2])
     assert "manifest.json" in files and "rejects.jsonl" in files
     assert manifest["counts"]["rejected"] == 4 and [s["samples"] for s in manifest["shards"]] == [7] * 5 + [1]
     for shard in manifest["shards"]:
         with tarfile.open(outs[1] / shard["name"]) as tar:
             for member in tar:
-                assert (member.mtime, member.uid, member.gid, member.uname, member.gname, member.mode) == (0, 0, 0, "", "", 0o444)
+                assert (member.mtime, member.uid, member.gid, member.uname, member.gname, member.mode) == (
+                    0,
+                    0,
+                    0,
+                    "",
+                    "",
+                    0o444,
+                )
 
 
 def test_byte_limited_shards(tmp_path):
     ann, root = make_inputs(tmp_path)
     limit = 60_000
     for workers in (1, 2):
-        manifest = build("neo-json", [ann], tmp_path / f"b{workers}", image_root=root, workers=workers,
-                         shard_max_bytes=limit)
+        manifest = build(
+            "neo-json",
+            [ann],
+            tmp_path / f"b{workers}",
+            image_root=root,
+            workers=workers,
+            shard_max_bytes=limit,
+        )
     assert_identical(tmp_path / "b1", tmp_path / "b2")
     assert len(manifest["shards"]) > 2
     for shard in manifest["shards"]:
@@ -66,9 +80,26 @@ def test_byte_limited_shards(tmp_path):
 
 def test_synthetic_same_seed_same_bytes(tmp_path):
     for workers in ("1", "2"):
-        assert main(["synthetic", "--output", str(tmp_path / workers), "--num", "40", "--seed", "11",
-                     "--workers", workers, "--no-energon", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "synthetic",
+                    "--output",
+                    str(tmp_path / workers),
+                    "--num",
+                    "40",
+                    "--seed",
+                    "11",
+                    "--workers",
+                    workers,
+                    "--no-energon",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     files = assert_identical(tmp_path / "1", tmp_path / "2")
     assert "tokenizer/tokenizer.json" in files
-    assert [i.__dict__ for i in make_items(20, 5, "train", DEFAULT_MIX)] == \
-        [i.__dict__ for i in make_items(20, 5, "train", DEFAULT_MIX)]
+    assert [i.__dict__ for i in make_items(20, 5, "train", DEFAULT_MIX)] == [
+        i.__dict__ for i in make_items(20, 5, "train", DEFAULT_MIX)
+    ]

@@ -8,7 +8,6 @@ from PIL import Image
 
 from data_prep.images import ImageOptions, decode_rgb, process_image
 from data_prep.rejects import Reject
-
 from tests.data_prep.helpers import SMALL, encode, exif_rotated_jpeg, jpeg, noise_rgb
 
 OPTS = ImageOptions(**SMALL)
@@ -145,5 +144,9 @@ def test_encoding_is_deterministic_and_metadata_free():
 
 def test_reference_multi_image_budget():
     opts = ImageOptions(min_pixels=1024, max_pixels=65536, multi_image_budget="reference")
-    assert opts.max_pixels_for(1) == 65536 and opts.max_pixels_for(4) == 32768 and opts.max_pixels_for(200) == 1024
+    assert (
+        opts.max_pixels_for(1) == 65536
+        and opts.max_pixels_for(4) == 32768
+        and opts.max_pixels_for(200) == 1024
+    )
     assert ImageOptions(min_pixels=1024, max_pixels=65536).max_pixels_for(4) == 65536

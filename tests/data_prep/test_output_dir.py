@@ -14,7 +14,6 @@ from data_prep.build import BuildOptions, run_build
 from data_prep.output_dir import OutputDirError
 from data_prep.records import Item
 from data_prep.verify import verify
-
 from tests.data_prep.helpers import build, conv, jpeg, write, write_jsonl
 
 
@@ -47,13 +46,43 @@ def test_never_deletes_foreign_files(tmp_path):
 
 def test_cli_usage_errors_write_nothing(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "build", "--format", "neo-json", "--annotations",
-                           str(tmp_path / "nope.jsonl"), "--output", str(out)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "build",
+            "--format",
+            "neo-json",
+            "--annotations",
+            str(tmp_path / "nope.jsonl"),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "annotation file not found" in proc.stderr and not out.exists()
     bad = tmp_path / "bad.json"
     bad.write_text("[{", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "build", "--format", "neo-json", "--annotations",
-                           str(bad), "--output", str(out)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "build",
+            "--format",
+            "neo-json",
+            "--annotations",
+            str(bad),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr and not out.exists()
 
 
@@ -76,9 +105,26 @@ def test_exception_mid_build_removes_the_partial_shard(tmp_path):
 
 def test_killed_build_leaves_no_complete_looking_shard(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "synthetic", "--output", str(out), "--num", "4000",
-                             "--workers", "1", "--shard-max-samples", "200", "--no-progress", "--no-energon"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "synthetic",
+            "--output",
+            str(out),
+            "--num",
+            "4000",
+            "--workers",
+            "1",
+            "--shard-max-samples",
+            "200",
+            "--no-progress",
+            "--no-energon",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list(out.glob("*.tar")):
@@ -94,6 +140,10 @@ def test_killed_build_leaves_no_complete_looking_shard(tmp_path):
         with tarfile.open(shard) as tar:
             assert len({m.name.split(".")[0] for m in tar.getmembers()}) == 200
     assert list(out.glob(".shard-*.tar.partial"))  # the one in progress kept its hidden name
-    refused = subprocess.run([sys.executable, "-m", "data_prep", "synthetic", "--output", str(out), "--num", "5",
-                              "--no-energon"], capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "data_prep", "synthetic", "--output", str(out), "--num", "5", "--no-energon"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2 and "--overwrite" in refused.stderr

@@ -10,7 +10,6 @@ from PIL import Image
 
 from data_prep.cli import main
 from data_prep.schema import validate_sample
-
 from tests.data_prep.energon_reader import read_with_energon
 from tests.data_prep.helpers import build, conv, exif_rotated_jpeg, jpeg, read_samples, write, write_jsonl
 
@@ -40,8 +39,25 @@ def read_with_webdataset(output):
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("rt") / "synthetic"
-    assert main(["synthetic", "--output", str(out), "--num", "60", "--seed", "3", "--workers", "2",
-                 "--shard-max-samples", "25", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "synthetic",
+                "--output",
+                str(out),
+                "--num",
+                "60",
+                "--seed",
+                "3",
+                "--workers",
+                "2",
+                "--shard-max-samples",
+                "25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -65,10 +81,14 @@ def test_real_files_round_trip_png(tmp_path):
     root = tmp_path / "img"
     write(root / "a.jpg", jpeg(300, 200))
     write(root / "b.jpg", exif_rotated_jpeg(130, 70))
-    ann = write_jsonl(tmp_path / "ann.jsonl", [
-        conv("a.jpg", id="coco/000001.jpg"), conv(["a.jpg", "b.jpg"], question="<image> vs <image>?", id="pair"),
-        conv(None, question="Just text?", id="t"),
-    ])
+    ann = write_jsonl(
+        tmp_path / "ann.jsonl",
+        [
+            conv("a.jpg", id="coco/000001.jpg"),
+            conv(["a.jpg", "b.jpg"], question="<image> vs <image>?", id="pair"),
+            conv(None, question="Just text?", id="t"),
+        ],
+    )
     out = tmp_path / "out"
     manifest = build("neo-json", [ann], out, image_root=root, energon=True, image_format="png")
     assert manifest["image_extension"] == "png" and manifest["counts"]["written"] == 3

@@ -68,7 +68,11 @@ def test_matches_transformers_qwen2_vl_where_they_agree():
         h, w = rng.randint(17, 6000), rng.randint(17, 6000)
         if max(h, w) / min(h, w) > 200:
             continue
-        for budget in (PRE, dict(min_pixels=65_536, max_pixels=16_777_216), dict(min_pixels=4096, max_pixels=65_536)):
+        for budget in (
+            PRE,
+            dict(min_pixels=65_536, max_pixels=16_777_216),
+            dict(min_pixels=4096, max_pixels=65_536),
+        ):
             assert smart_resize(h, w, 32, **budget) == hf_smart_resize(h, w, 32, **budget), (h, w, budget)
 
 

@@ -10,10 +10,18 @@ from PIL import Image
 
 from data_prep.cli import main
 from data_prep.synthetic import (
-    COLORS, DEFAULT_MIX, QA_TYPES, SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS, caption_for, make_items, parse_mix,
-    render_scene, scene_fingerprint, split_of,
+    COLORS,
+    DEFAULT_MIX,
+    QA_TYPES,
+    SYNTHETIC_MAX_PIXELS,
+    SYNTHETIC_MIN_PIXELS,
+    caption_for,
+    make_items,
+    parse_mix,
+    render_scene,
+    scene_fingerprint,
+    split_of,
 )
-
 from tests.data_prep.helpers import read_samples
 
 
@@ -120,8 +128,28 @@ def test_parse_mix():
 
 def test_synthetic_cli_builds_a_self_contained_data_set(tmp_path):
     out = tmp_path / "heldout"
-    assert main(["synthetic", "--output", str(out), "--num", "40", "--seed", "2", "--split", "heldout",
-                 "--vocab-size", "600", "--workers", "1", "--no-energon", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "synthetic",
+                "--output",
+                str(out),
+                "--num",
+                "40",
+                "--seed",
+                "2",
+                "--split",
+                "heldout",
+                "--vocab-size",
+                "600",
+                "--workers",
+                "1",
+                "--no-energon",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["written"] == 40 and manifest["counts"]["rejected"] == 0
     assert manifest["build"]["image"]["min_pixels"] == SYNTHETIC_MIN_PIXELS
@@ -133,7 +161,12 @@ def test_synthetic_cli_builds_a_self_contained_data_set(tmp_path):
         assert sample["id"].startswith("synthetic-heldout-s2-") and sample["text_tokens"] > 0
         for info in sample["images"]:
             h, w = info["size"]
-            assert h * w <= SYNTHETIC_MAX_PIXELS and h * w >= SYNTHETIC_MIN_PIXELS and h % 32 == 0 and w % 32 == 0
+            assert (
+                h * w <= SYNTHETIC_MAX_PIXELS
+                and h * w >= SYNTHETIC_MIN_PIXELS
+                and h % 32 == 0
+                and w % 32 == 0
+            )
 
     from transformers import AutoTokenizer
 

@@ -9,7 +9,6 @@ import tarfile
 import pytest
 
 from data_prep.verify import verify
-
 from tests.data_prep.helpers import build, conv, jpeg, write, write_jsonl
 
 
@@ -37,7 +36,9 @@ def built(pristine, tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_fresh_build_verifies(built):
@@ -76,6 +77,7 @@ def test_edited_image_pixels_fail(built):
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
     import io
+
     with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
         for m, data in members:
             if m.name.endswith(".img0.jpg"):
