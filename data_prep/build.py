@@ -221,6 +221,7 @@ def run_build(
                         result.kind,
                         result.image_tokens,
                         result.text_tokens,
+                        result.text_chars,
                         result.input_bytes,
                         result.tag_inserted,
                     )

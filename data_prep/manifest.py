@@ -73,6 +73,7 @@ class BuildStats:
         self.image_tokens_per_sample = Distribution()
         self.images_per_sample = Distribution()
         self.text_tokens_per_sample = Distribution()
+        self.text_chars_per_sample = Distribution()
         self.has_text_tokens = False
 
     def add_written(
@@ -80,6 +81,7 @@ class BuildStats:
         kind: str,
         image_tokens: list[int],
         text_tokens: int | None,
+        text_chars: int,
         input_bytes: int,
         tag_inserted: bool,
     ) -> None:
@@ -93,6 +95,7 @@ class BuildStats:
             self.image_tokens_per_image.add(n)
         self.image_tokens_per_sample.add(sum(image_tokens))
         self.images_per_sample.add(len(image_tokens))
+        self.text_chars_per_sample.add(text_chars)
         if text_tokens is not None:
             self.has_text_tokens = True
             self.text_tokens_per_sample.add(text_tokens)
@@ -162,6 +165,7 @@ def make_manifest(
             "text_tokens_per_sample": stats.text_tokens_per_sample.summary()
             if stats.has_text_tokens
             else None,
+            "text_chars_per_sample": stats.text_chars_per_sample.summary(),
         },
         "shards": shards,
         "total_bytes": sum(s["bytes"] for s in shards),

@@ -15,6 +15,7 @@ from data_prep.images import ImageOptions, StoredImage, process_image
 from data_prep.records import ImageRef, Item, Rejected
 from data_prep.rejects import Reject
 from data_prep.schema import dumps, image_entry, image_member
+from data_prep.tokenizer import text_segments
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Written:
     members: list[tuple[str, bytes]]
     image_tokens: list[int]
     text_tokens: int | None
+    text_chars: int
     input_bytes: int
     tag_inserted: bool
 
@@ -134,6 +136,7 @@ def process_item(item: Item | Rejected) -> Written | Rejected:
         members=members,
         image_tokens=[s.num_tokens for s in stored],
         text_tokens=text_tokens,
+        text_chars=sum(len(seg) for seg in text_segments(obj)),
         input_bytes=input_bytes,
         tag_inserted=bool(item.extra.get("image_tag_inserted")),
     )

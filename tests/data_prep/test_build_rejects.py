@@ -242,6 +242,19 @@ def test_text_only(tmp_path):
         "image_tag_mismatch": 1,
     }
     assert [s["text"] for s in sample_json(tmp_path / "out")] == ["Plain text sample.", "Second good one."]
+    stats = manifest["stats"]
+    assert stats["text_chars_per_sample"]["total"] == len("Plain text sample.") + len("Second good one.")
+    assert stats["text_tokens_per_sample"] is None  # no --tokenizer given
+    assert stats["image_tokens_per_sample"] == {
+        "count": 2,
+        "total": 0,
+        "min": 0,
+        "max": 0,
+        "mean": 0.0,
+        "p50": 0,
+        "p90": 0,
+        "p99": 0,
+    }
 
 
 def test_all_rejected_still_reconciles(tmp_path, image_root):
