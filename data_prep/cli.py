@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -163,6 +164,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--vocab-size", type=_positive, default=1024, help="demo tokenizer vocabulary (default 1024)"
     )
+    s.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="copy this tokenizer dir to OUTPUT/tokenizer instead of training one "
+        "(e.g. give the heldout split the train split's tokenizer)",
+    )
     _add_common(s, SYNTHETIC_MIN_PIXELS, SYNTHETIC_MAX_PIXELS)
 
     v = sub.add_parser("verify", help="decode every sample of every shard and check it against the manifest")
@@ -202,19 +210,26 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
     from data_prep import synthetic
-    from data_prep.tokenizer import text_segments, train_tokenizer
+    from data_prep.tokenizer import train_tokenizer, training_texts
 
     mix = synthetic.parse_mix(args.mix)
+    if args.tokenizer is not None and not (args.tokenizer / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{args.tokenizer / 'tokenizer.json'} not found")
     items = synthetic.make_items(args.num, args.seed, args.split, mix)
     output = Path(args.output)
     prepare_output(output, args.overwrite)
-    texts = []
-    for item in items:
-        sample = {"kind": item.kind, "text": item.text, "conversations": item.conversations}
-        texts += text_segments(sample)
-        if item.kind == "conversation":
-            texts += [turn["role"] + "\n" for turn in item.conversations]
-    tokenizer_dir = train_tokenizer(texts, output / "tokenizer", args.vocab_size)
+    tokenizer_dir = output / "tokenizer"
+    if args.tokenizer is not None:  # share one vocabulary between train and heldout
+        shutil.copytree(args.tokenizer, tokenizer_dir)
+    else:
+        texts = [
+            text
+            for item in items
+            for text in training_texts(
+                {"kind": item.kind, "text": item.text, "conversations": item.conversations}
+            )
+        ]
+        train_tokenizer(texts, tokenizer_dir, args.vocab_size)
     options = _build_options(args, None, str(tokenizer_dir))
     source = {
         "command": "synthetic",
@@ -225,7 +240,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "split": args.split,
             "mix": mix,
-            "vocab_size": args.vocab_size,
+            "vocab_size": None if args.tokenizer is not None else args.vocab_size,
         },
     }
     result = run_build(

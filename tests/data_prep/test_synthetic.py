@@ -127,29 +127,23 @@ def test_parse_mix():
 
 
 def test_synthetic_cli_builds_a_self_contained_data_set(tmp_path):
+    train = tmp_path / "train"
+    common = ["--seed", "2", "--workers", "1", "--no-energon", "--no-progress"]
+    assert main(["synthetic", "--output", str(train), "--num", "30", "--vocab-size", "600", *common]) == 0
     out = tmp_path / "heldout"
-    assert (
-        main(
-            [
-                "synthetic",
-                "--output",
-                str(out),
-                "--num",
-                "40",
-                "--seed",
-                "2",
-                "--split",
-                "heldout",
-                "--vocab-size",
-                "600",
-                "--workers",
-                "1",
-                "--no-energon",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    heldout = [
+        "--output",
+        str(out),
+        "--num",
+        "40",
+        "--split",
+        "heldout",
+        "--tokenizer",
+        str(train / "tokenizer"),
+    ]
+    assert main(["synthetic", *heldout, *common]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # one vocabulary for both splits
+        assert (out / "tokenizer" / name).read_bytes() == (train / "tokenizer" / name).read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["written"] == 40 and manifest["counts"]["rejected"] == 0
     assert manifest["build"]["image"]["min_pixels"] == SYNTHETIC_MIN_PIXELS
@@ -161,12 +155,7 @@ def test_synthetic_cli_builds_a_self_contained_data_set(tmp_path):
         assert sample["id"].startswith("synthetic-heldout-s2-") and sample["text_tokens"] > 0
         for info in sample["images"]:
             h, w = info["size"]
-            assert (
-                h * w <= SYNTHETIC_MAX_PIXELS
-                and h * w >= SYNTHETIC_MIN_PIXELS
-                and h % 32 == 0
-                and w % 32 == 0
-            )
+            assert SYNTHETIC_MIN_PIXELS <= h * w <= SYNTHETIC_MAX_PIXELS and h % 32 == 0 and w % 32 == 0
 
     from transformers import AutoTokenizer
 
