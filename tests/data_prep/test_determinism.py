@@ -48,14 +48,8 @@ def test_workers_1_and_2_are_byte_identical(tmp_path):
     for shard in manifest["shards"]:
         with tarfile.open(outs[1] / shard["name"]) as tar:
             for member in tar:
-                assert (member.mtime, member.uid, member.gid, member.uname, member.gname, member.mode) == (
-                    0,
-                    0,
-                    0,
-                    "",
-                    "",
-                    0o444,
-                )
+                fields = (member.mtime, member.uid, member.gid, member.uname, member.gname, member.mode)
+                assert fields == (0, 0, 0, "", "", 0o444)
 
 
 def test_byte_limited_shards(tmp_path):
@@ -80,26 +74,9 @@ def test_byte_limited_shards(tmp_path):
 
 def test_synthetic_same_seed_same_bytes(tmp_path):
     for workers in ("1", "2"):
-        assert (
-            main(
-                [
-                    "synthetic",
-                    "--output",
-                    str(tmp_path / workers),
-                    "--num",
-                    "40",
-                    "--seed",
-                    "11",
-                    "--workers",
-                    workers,
-                    "--no-energon",
-                    "--no-progress",
-                ]
-            )
-            == 0
-        )
+        argv = ["synthetic", "--output", str(tmp_path / workers), "--num", "40", "--seed", "11"]
+        assert main([*argv, "--workers", workers, "--no-energon", "--no-progress"]) == 0
     files = assert_identical(tmp_path / "1", tmp_path / "2")
     assert "tokenizer/tokenizer.json" in files
-    assert [i.__dict__ for i in make_items(20, 5, "train", DEFAULT_MIX)] == [
-        i.__dict__ for i in make_items(20, 5, "train", DEFAULT_MIX)
-    ]
+    first, second = make_items(20, 5, "train", DEFAULT_MIX), make_items(20, 5, "train", DEFAULT_MIX)
+    assert [i.__dict__ for i in first] == [i.__dict__ for i in second]

@@ -39,25 +39,8 @@ def read_with_webdataset(output):
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("rt") / "synthetic"
-    assert (
-        main(
-            [
-                "synthetic",
-                "--output",
-                str(out),
-                "--num",
-                "60",
-                "--seed",
-                "3",
-                "--workers",
-                "2",
-                "--shard-max-samples",
-                "25",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    argv = ["synthetic", "--output", str(out), "--num", "60", "--seed", "3", "--workers", "2"]
+    assert main([*argv, "--shard-max-samples", "25", "--no-progress"]) == 0
     return out
 
 

@@ -48,32 +48,12 @@ def test_special_tokens_chat_template_and_determinism(tmp_path):
 def test_tokenizer_cli_from_a_built_data_set(tmp_path):
     ann = write_jsonl(tmp_path / "t.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(TEXTS)])
     build("text", [ann], tmp_path / "data")
-    assert (
-        main(
-            [
-                "tokenizer",
-                "--data",
-                str(tmp_path / "data"),
-                "--output",
-                str(tmp_path / "tok"),
-                "--vocab-size",
-                "300",
-            ]
-        )
-        == 0
-    )
+    argv = ["tokenizer", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "tok")]
+    assert main([*argv, "--vocab-size", "300"]) == 0
     counter = TextTokenCounter(tmp_path / "tok")
     n = counter.count({"kind": "text", "text": "The red circle number 3 is here."})
     assert 0 < n < len("The red circle number 3 is here.")
     # text_tokens in samples counts the text between <image> tags only
-    assert counter.count(
-        {
-            "kind": "conversation",
-            "conversations": [
-                {"role": "user", "content": "<image>\nThe red"},
-                {"role": "assistant", "content": "circle"},
-            ],
-        }
-    ) == counter.count({"kind": "text", "text": "\nThe red"}) + counter.count(
-        {"kind": "text", "text": "circle"}
-    )
+    turns = [{"role": "user", "content": "<image>\nThe red"}, {"role": "assistant", "content": "circle"}]
+    pieces = [counter.count({"kind": "text", "text": t}) for t in ("\nThe red", "circle")]
+    assert counter.count({"kind": "conversation", "conversations": turns}) == sum(pieces)
