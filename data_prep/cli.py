@@ -187,6 +187,8 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_build(args: argparse.Namespace) -> int:
     annotations = [Path(p) for p in args.annotations]
+    if args.tokenizer is not None and not (args.tokenizer / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{args.tokenizer / 'tokenizer.json'} not found")
     image_root = args.image_root if args.image_root is not None else annotations[0].parent
     options = _build_options(args, str(image_root), str(args.tokenizer) if args.tokenizer else None)
     source_options = SourceOptions(
