@@ -27,9 +27,24 @@ class ParallelConfig:
 
 
 @dataclass
+class StageConfig:
+    name: str = "stage1_prebuffer"
+    # Parameter roles that train (pretrain/model/roles.py); everything else is frozen.
+    trainable: list[str] = field(default_factory=lambda: ["vision", "pre_buffer", "post_llm_hw"])
+    loss_reduction: str = "square"  # token | sample | square (shared/spec/NEO_MODEL.md)
+
+
+@dataclass
 class OptimConfig:
     zero_stage: int = 1
-    lr: float = 3e-4
+    lr: float = 8e-4
+    min_lr_ratio: float = 0.1
+    warmup: float = 1000  # >= 1: steps; < 1: fraction of train.steps
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
 
 
 @dataclass
@@ -39,14 +54,79 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seed: int = 1234
+    dtype: str = "auto"  # auto: bf16 on GPUs, fp32 on CPU
+    max_skipped_steps: int = 5  # non-finite steps in a row before the run stops
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a data_prep shard directory or an Energon blend (metadataset) YAML
+    num_workers: int = 1
+    packing_buffer: int = 32
+    shuffle_buffer: int = 64
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""  # an HF tokenizer dir; empty: <data.path>/tokenizer
+
+
+@dataclass
+class InitConfig:
+    hf_llm: str = ""  # a local HF Qwen3 dir: the post-LLM of a fresh NEO (stage 1)
+    checkpoint: str = ""  # one of our checkpoints: weights of the previous stage
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: <run_dir>/checkpoints
+    every: int = 100
+    keep: int = 3
+    resume: str = "auto"  # auto: newest valid checkpoint in dir; never; or a checkpoint path
+    load_optimizer: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    peak_tflops: float = 989.0  # per device, dense bf16 (H100/H200); MFU is measured against it
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled; online needs WANDB_API_KEY in the environment
+    project: str = "neo-pretrain"
+    entity: str = ""
+    name: str = ""
+
+
+@dataclass
+class ClusterConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 0  # 0: SLURM's default
+    time: str = "24:00:00"
+    partition: str = ""
+    account: str = ""
+    max_restarts: int = 10
+    signal_lead_s: int = 300  # SIGUSR1 this long before the time limit: checkpoint and requeue
 
 
 @dataclass
 class Config:
+    run_dir: str = "runs/default"
     model: NeoModelConfig = field(default_factory=NeoModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 @dataclass(frozen=True)
@@ -105,6 +185,9 @@ def validate(cfg: Config, world_size: int) -> Layout:
     else:
         split = (layers // pp,) * pp
 
+    if model.vocab_size % tp:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp} (pad it to a multiple of 128)")
+
     mbs, gbs = train.micro_batch_size, train.global_batch_size
     if mbs < 1 or gbs % (mbs * dp):
         raise ConfigError(
@@ -125,7 +208,30 @@ def validate(cfg: Config, world_size: int) -> Layout:
             f"optim.zero_stage={zero} cannot accumulate {num_micro} micro-batches run by the Megatron schedule "
             "(gradients would be reduced before accumulation ends); use zero_stage=1 or one micro-batch per step"
         )
+    _validate_run(cfg)
     return Layout(tp=tp, pp=pp, dp=dp, num_microbatches=num_micro, layers_per_stage=split)
+
+
+def _validate_run(cfg: Config) -> None:
+    """Settings of the run itself (not of the layout)."""
+    from pretrain.model.loss import REDUCTIONS
+    from pretrain.model.roles import ROLES
+
+    unknown = set(cfg.stage.trainable) - set(ROLES)
+    if unknown:
+        raise ConfigError(f"stage.trainable has unknown roles {sorted(unknown)}; known: {', '.join(ROLES)}")
+    if cfg.model.tie_word_embeddings and len(set(cfg.stage.trainable) & {"embedding", "lm_head"}) == 1:
+        raise ConfigError("stage.trainable: with tied word embeddings 'embedding' and 'lm_head' are one tensor; list both or neither")
+    if cfg.stage.loss_reduction not in REDUCTIONS:
+        raise ConfigError(f"stage.loss_reduction={cfg.stage.loss_reduction!r} is not one of {', '.join(REDUCTIONS)}")
+    if cfg.train.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"train.dtype={cfg.train.dtype!r} must be auto, float32 or bfloat16")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r} must be offline, online or disabled")
+    if cfg.train.steps < 1 or cfg.checkpoint.every < 1 or cfg.log.every < 1:
+        raise ConfigError("train.steps, checkpoint.every and log.every must be >= 1")
+    if cfg.init.hf_llm and cfg.init.checkpoint:
+        raise ConfigError("set init.hf_llm (start from Qwen3) or init.checkpoint (start from a previous stage), not both")
 
 
 def _suggest_split(layers: int, pp: int) -> list[int]:

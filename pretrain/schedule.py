@@ -30,10 +30,11 @@ def global_weight_sum(micro_batches: list[NeoBatch], reduction: str) -> torch.Te
 
 
 def forward_backward(model, micro_batches: list[NeoBatch], reduction: str = "square",
-                     forward_only: bool = False) -> float | None:
+                     forward_only: bool = False, grad_scale: float = 1.0) -> float | None:
     """Run the schedule over this rank's micro-batches; return the global loss on last-stage ranks
     (the same value on every DP rank), None elsewhere. Gradients are left unsynchronised: call
-    ``finalize_grads`` (or let DeepSpeed reduce over DP) before stepping."""
+    ``finalize_grads`` (or let DeepSpeed reduce over DP) before stepping. ``grad_scale`` multiplies
+    the gradients (not the reported loss): DP-size when the DP reduction averages, as DeepSpeed's does."""
     if not micro_batches:
         raise ValueError("no micro-batches to run")
     denominator = global_weight_sum(micro_batches, reduction).float()
@@ -49,7 +50,7 @@ def forward_backward(model, micro_batches: list[NeoBatch], reduction: str = "squ
             contribution = (per_token * w).sum() / denominator
             # The schedule divides what we return by the number of micro-batches: undo it, so the
             # backward sees exactly sum(w*ce)/W.
-            return contribution * n_micro, {"loss": contribution.detach().clone()}
+            return contribution * (n_micro * grad_scale), {"loss": contribution.detach().clone()}
 
         return ce, loss_func
 

@@ -3,7 +3,8 @@
 megatron-core assumes a GPU in a handful of places: receive buffers and rotary caches are
 allocated on ``torch.cuda.current_device()``, schedules and masks say ``device="cuda"`` or call
 ``.cuda()``, the RNG tracker saves and restores the CUDA generator, checkpointing synchronises the
-device and starts a *spawn* multiprocessing Manager. Every one of those is redirected here, once,
+device and starts a *spawn* multiprocessing Manager; DeepSpeed compiles a CPU shared-memory op
+on first use. Every one of those is redirected here, once,
 before any megatron code runs, and only when CUDA is absent (``apply()`` is a no-op otherwise).
 The model, data and trainer code never know about it; see shared/notes/PLATFORM.md for the facts
 each patch rests on.
@@ -12,6 +13,7 @@ each patch rests on.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -82,6 +84,13 @@ def apply() -> bool:
     torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = _cpu_get_rng_state
     torch.cuda.set_rng_state = torch.cuda.random.set_rng_state = _cpu_set_rng_state
     torch.cuda.manual_seed = torch.cuda.random.manual_seed = _cpu_manual_seed
+
+    # DeepSpeed on its CPU accelerator compiles a shared-memory all-reduce op the first time a
+    # process uses its comm layer (50-85 s, and racing ranks). gloo does the reductions we need.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.tensor_parallel import random as mp_random

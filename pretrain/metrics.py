@@ -1,0 +1,110 @@
+"""Training metrics for people: one console line per log interval, ``metrics.jsonl`` (one JSON object
+per line, for plots without W&B) and Weights & Biases (offline by default, rank 0 only).
+
+FLOPs are model FLOPs of the work done: every matmul of the decoder (including the H/W
+projections), attention scores over the full sequence (what a masked dense kernel computes),
+the LM head and the patch embedding; backward counts twice forward (the usual 6N convention).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pretrain.model.config import NeoModelConfig
+
+
+def forward_flops(neo: NeoModelConfig, tokens: int, seq_len: int, image_tokens: int) -> float:
+    """Forward FLOPs of ``tokens`` tokens in rows of ``seq_len``, ``image_tokens`` of them pixels."""
+    sharded, _ = neo.layer_parameters()
+    dense = 2.0 * tokens * (neo.num_layers * sharded + neo.hidden_size * neo.vocab_size)
+    # QK^T over 2d-wide queries/keys and AV over d: 6 * s * nq * d per token per layer.
+    attention = 6.0 * tokens * seq_len * neo.num_attention_heads * neo.head_dim * neo.num_layers
+    merge = round(1 / neo.downsample_ratio) ** 2
+    pixels = 3 * neo.patch_size ** 2
+    vision = 2.0 * image_tokens * (merge * pixels * neo.vision_hidden_size + merge * neo.vision_hidden_size * neo.hidden_size)
+    return dense + attention + vision
+
+
+def memory_gb() -> float:
+    """Peak accelerator memory, or this process's resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9
+
+
+class Metrics:
+    """Rank 0 writes; other ranks hold a Metrics too but every method is a no-op for them."""
+
+    def __init__(self, cfg, run_dir: Path, enabled: bool, run_id: str, world_size: int):
+        self.enabled = enabled
+        self.cfg = cfg
+        self.world_size = world_size
+        self.wandb = None
+        self.jsonl = None
+        self._last = time.perf_counter()
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity or None,
+                name=cfg.wandb.name or None,
+                id=run_id,
+                resume="allow",
+                mode=cfg.wandb.mode,
+                dir=str(run_dir),
+                config=asdict(cfg),  # the resolved config: it holds no secret (keys live in the environment)
+            )
+
+    def start_interval(self) -> None:
+        self._last = time.perf_counter()
+
+    def log(self, step: int, values: dict, tokens: int, samples: int, flops: float, steps_in_interval: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = max(time.perf_counter() - self._last, 1e-9)
+        self._last = time.perf_counter()
+        row = {
+            "step": step,
+            **values,
+            "tokens_per_s": tokens / elapsed,
+            "samples_per_s": samples / elapsed,
+            "tflops_per_device": flops / elapsed / self.world_size / 1e12,
+            "step_time_s": elapsed / max(1, steps_in_interval),
+            "memory_gb": memory_gb(),
+        }
+        row["mfu"] = row["tflops_per_device"] / self.cfg.log.peak_tflops if self.cfg.log.peak_tflops else 0.0
+        self.jsonl.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        print(self.line(row, self.cfg.train.steps), flush=True)
+
+    @staticmethod
+    def line(row: dict, total_steps: int) -> str:
+        loss = row.get("loss")
+        loss_s = f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else str(loss)
+        return (f"step {row['step']}/{total_steps} | loss {loss_s} | lr {row['lr']:.2e} | gnorm {row['grad_norm']:.3f}"
+                f" | {row['tokens_per_s']:,.0f} tok/s | {row['samples_per_s']:.1f} samples/s"
+                f" | {row['tflops_per_device']:.3f} TFLOP/s/dev | MFU {100 * row['mfu']:.2f}%"
+                f" | fill {100 * row.get('pack_fill', 0):.0f}% | mem {row['memory_gb']:.2f} GB"
+                f" | skipped {row.get('skipped_steps', 0)} steps, {row.get('skipped_samples', 0)} samples")
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,78 @@
+"""DeepSpeed ZeRO-1 driven after megatron's schedule has run backward.
+
+megatron's pipeline schedule runs forward and backward itself; DeepSpeed then only reduces
+gradients over data parallelism (``allreduce_gradients``), clips by the global norm across every
+model-parallel rank and steps AdamW on its 1/DP partition of the fp32 optimizer state. DeepSpeed
+learns the Megatron groups through ``MegatronMpu``; only trainable parameters enter the optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from pretrain.optim.lr_schedule import lr_factor, warmup_steps
+
+
+class MegatronMpu:
+    """The process-group interface DeepSpeed expects, over megatron's parallel_state. The
+    model-parallel rank (unique per TP x PP rank) names DeepSpeed's checkpoint files."""
+
+    get_model_parallel_rank = staticmethod(lambda: dist.get_rank(ps.get_model_parallel_group()))
+    get_model_parallel_world_size = staticmethod(lambda: dist.get_world_size(ps.get_model_parallel_group()))
+    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only; no decay on norms and biases (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_engine(model: torch.nn.Module, optim, total_steps: int, micro_batch_size: int, num_microbatches: int,
+                 bf16: bool):
+    """(engine, lr_scheduler) for ``model`` with ZeRO stage ``optim.zero_stage`` (0 or 1 here)."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # The tied LM head on the last of several stages is a copy of the first stage's embedding:
+    # count it once in the global gradient norm.
+    if ps.get_pipeline_model_parallel_world_size() > 1 and model.share_embeddings_and_output_weights \
+            and model.post_process and not model.pre_process:
+        model.output_layer.weight.ds_pipe_replicated = True
+    groups = param_groups(model, optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    warm = warmup_steps(total_steps, optim.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warm, optim.min_lr_ratio))
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": num_microbatches,
+        "train_batch_size": micro_batch_size * num_microbatches * ps.get_data_parallel_world_size(),
+        "gradient_clipping": optim.clip_grad,
+        "zero_optimization": {"stage": optim.zero_stage, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, mpu=MegatronMpu(),
+        dist_init_required=False)
+    return engine, scheduler

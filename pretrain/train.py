@@ -1,0 +1,53 @@
+"""python -m pretrain.train [Hydra overrides]: train NEO, launched by torchrun (or slurm/).
+
+    torchrun --standalone --nproc_per_node=4 -m pretrain.train model=tiny stage=stage1_prebuffer \
+        parallel.tp=2 parallel.pp=2 data.path=DATA run_dir=runs/x
+
+The config is composed from conf/ and validated against the world size before anything heavy
+starts; ``--print-config`` shows the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from omegaconf import OmegaConf
+
+
+def main(argv: list[str]) -> int:
+    from pretrain.config import Config, ConfigError, compose, validate
+
+    show = "--print-config" in argv
+    overrides = [a for a in argv if a != "--print-config"]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = compose(overrides)
+        layout = validate(cfg, world_size)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if show:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        print(f"# layout at world size {world_size}: {layout}")
+        return 0
+    if "RANK" not in os.environ:  # plain `python -m pretrain.train`: a one-process run
+        from pretrain.distributed.spawn import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    from pretrain.distributed import runtime
+    from pretrain.trainer import train
+
+    runtime.init_distributed()
+    try:
+        return train(cfg, layout)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        runtime.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

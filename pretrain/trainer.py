@@ -1,0 +1,345 @@
+"""The training loop: one loop for all three NEO stages, at any TP/PP/DP layout.
+
+Per step: this DP rank's micro-batches -> megatron's pipeline schedule (forward + backward,
+NEO's loss normalised over the global batch) -> gradients made whole across TP and the tied
+embedding -> DeepSpeed ZeRO-1 (reduce over DP, clip by the global norm, AdamW, LR schedule) ->
+metrics -> checkpoint. SIGTERM/SIGUSR1 make every rank finish the step, save and exit with
+``REQUEUE_EXIT_CODE`` so a scheduler can requeue the job; the next start resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state as ps
+
+from pretrain.checkpoint import checkpointer as ckpt
+from pretrain.checkpoint.weights import load_weights, save_weights
+from pretrain.config import Config, ConfigError, Layout
+from pretrain.distributed import runtime
+from pretrain.metrics import Metrics, forward_flops
+from pretrain.model.neo import NeoModel, transformer_config
+from pretrain.model.roles import set_trainable
+from pretrain.optim.zero import build_engine
+from pretrain.schedule import finalize_grads, forward_backward
+
+REQUEUE_EXIT_CODE = 85  # "checkpoint written after a signal: requeue me" (slurm/ relies on it)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: Config, layout: Layout):
+        self.cfg, self.layout = cfg, layout
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.rank = dist.get_rank()
+        self.stop_signal: int | None = None
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_steps = self.skipped_in_a_row = 0
+        self.run_id = ""
+
+    # ------------------------------------------------------------------------------- set-up
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def dtype(self) -> torch.dtype:
+        name = self.cfg.train.dtype
+        if name == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return getattr(torch, name)
+
+    def tokenizer_path(self) -> Path:
+        path = Path(self.cfg.tokenizer.path) if self.cfg.tokenizer.path else Path(self.cfg.data.path) / "tokenizer"
+        if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+            raise ConfigError(f"no tokenizer at {path}: set tokenizer.path to an HF tokenizer directory")
+        return path
+
+    def build_model(self) -> NeoModel:
+        cfg = self.cfg
+        tcfg = transformer_config(cfg.model, tp=self.layout.tp, pp=self.layout.pp,
+                                  sequence_parallel=cfg.parallel.sequence_parallel,
+                                  pipeline_split=self.layout.layers_per_stage, dtype=self.dtype())
+        model = NeoModel(tcfg, cfg.model)
+        counts = set_trainable(model, cfg.stage.trainable)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.log(f"model: {cfg.model.num_parameters() / 1e6:.1f}M parameters; this rank holds "
+                 f"{sum(counts.values()) / 1e6:.2f}M, {trainable / 1e6:.2f}M trainable "
+                 f"({', '.join(cfg.stage.trainable)})")
+        return model
+
+    def initial_weights(self) -> Path | None:
+        """Where a fresh run takes its weights: the previous stage, or a converted Qwen3."""
+        cfg = self.cfg
+        if cfg.init.checkpoint:
+            path = Path(cfg.init.checkpoint)
+            if path.name == "latest" or (path / "latest").is_file():  # a checkpoint root: its newest
+                found = ckpt.find_resumable(path.parent if path.name == "latest" else path, self.log)
+                if found is None:
+                    raise ConfigError(f"init.checkpoint={path} holds no complete checkpoint")
+                path = found
+            self._check_shape(path)
+            return path / "model"
+        if cfg.init.hf_llm:
+            out = self.run_dir / "init_from_hf"
+            if self.rank == 0 and not (out / "config.yaml").is_file():
+                self.log(f"converting {cfg.init.hf_llm} (Qwen3) into the post-LLM of a NEO model at {out}")
+                cmd = [sys.executable, "-m", "pretrain.convert", "from-hf", cfg.init.hf_llm, str(out),
+                       "--pre-buffer-layers", str(cfg.model.pre_buffer_layers),
+                       "--vision-hidden-size", str(cfg.model.vision_hidden_size), "--seed", str(cfg.train.seed)]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"converting {cfg.init.hf_llm} failed:\n{done.stderr[-3000:]}")
+            dist.barrier()
+            self._check_shape(out)
+            return out / "model"
+        self.log("warning: neither init.hf_llm nor init.checkpoint is set: the model starts from random weights")
+        return None
+
+    def _check_shape(self, path: Path) -> None:
+        theirs = yaml.safe_load((path / "config.yaml").read_text())["model"]
+        ours = asdict(self.cfg.model)
+        diff = {k: (ours[k], v) for k, v in theirs.items() if k in ours and ours[k] != v and k != "init_std"}
+        if diff:
+            listing = ", ".join(f"model.{k}={a} but the checkpoint has {b}" for k, (a, b) in diff.items())
+            raise ConfigError(f"{path} does not fit this model: {listing}")
+
+    def build_loader(self, tokenizer_path: Path):
+        from pretrain.data.loader import TrainLoader
+
+        cfg = self.cfg
+        return TrainLoader(
+            path=cfg.data.path, tokenizer_path=str(tokenizer_path), seq_len=cfg.train.seq_len,
+            micro_batch_size=cfg.train.micro_batch_size, dp_rank=ps.get_data_parallel_rank(),
+            dp_size=self.layout.dp, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+            packing_buffer=cfg.data.packing_buffer, shuffle_buffer=cfg.data.shuffle_buffer,
+        )
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def save(self, engine, loader, tokenizer_path: Path) -> Path:
+        tmp = ckpt.prepare_save(self.ckpt_root, self.step)
+        save_weights(self.model, tmp / "model")
+        engine.save_checkpoint(str(tmp / "optimizer"), tag="zero", save_latest=False, exclude_frozen_parameters=True)
+        (tmp / "rng").mkdir(exist_ok=True)
+        ckpt.save_rng(tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
+            (tmp / "data").mkdir(exist_ok=True)
+            state = loader.state_dict()
+            (tmp / "data" / f"dp_{ps.get_data_parallel_rank():05d}.json").write_text(json.dumps(state))
+        if self.rank == 0:
+            (tmp / "trainer.json").write_text(json.dumps(self.trainer_state(), indent=1))
+            (tmp / "config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
+            shutil.copytree(tokenizer_path, tmp / "tokenizer")
+        protected = {ckpt.step_dir_name(self.cfg.train.steps)}
+        final = ckpt.commit_save(self.ckpt_root, tmp, self.step, self.cfg.checkpoint.keep, protected)
+        self.log(f"saved checkpoint {final}")
+        return final
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
+                "wandb_run_id": self.run_id, "stage": self.cfg.stage.name,
+                "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
+
+    def resume_point(self) -> Path | None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return None
+        if mode != "auto":
+            path = Path(mode)
+            problem = ckpt.verify(path)
+            if problem:
+                raise ConfigError(f"checkpoint.resume={path} is not usable: {problem}")
+            return path
+        return ckpt.find_resumable(self.ckpt_root, self.log)
+
+    def restore(self, path: Path, engine, loader) -> None:
+        state = json.loads((path / "trainer.json").read_text())
+        saved = state["layout"]
+        same_layout = saved == {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
+        load_weights(self.model, path / "model")
+        if self.cfg.checkpoint.load_optimizer:
+            if not same_layout:
+                raise ConfigError(
+                    f"{path} was saved at TP{saved['tp']}xPP{saved['pp']}xDP{saved['dp']}, this run is {self.layout}: "
+                    "the weights reshard, the ZeRO optimizer state does not; set checkpoint.load_optimizer=false "
+                    "to continue with a fresh optimizer")
+            engine.load_checkpoint(str(path / "optimizer"), tag="zero", load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+            ckpt.load_rng(path / "rng" / f"rank_{self.rank:05d}.pt")
+        data_state = path / "data" / f"dp_{ps.get_data_parallel_rank():05d}.json"
+        if saved["dp"] != self.layout.dp:
+            raise ConfigError(f"{path} holds data-loader state for DP={saved['dp']}, this run has DP={self.layout.dp}: "
+                              "redistribute it with `energon checkpoint redist` or start the data from scratch")
+        loader.load_state_dict(json.loads(data_state.read_text()))
+        self.step, self.consumed_samples = state["step"], state["consumed_samples"]
+        self.skipped_steps, self.run_id = state["skipped_steps"], state["wandb_run_id"]
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
+
+    def _all_finite(self, loss: float | None) -> bool:
+        bad = 0.0 if loss is None or math.isfinite(loss) else 1.0
+        for p in self.model.parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                bad = 1.0
+                break
+        flag = torch.tensor([bad])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _broadcast_loss(self, loss: float | None) -> float:
+        """The global loss lives on last-stage ranks; every rank gets it (for logging on rank 0)."""
+        value = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64)
+        last = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
+        return value.item()
+
+    def run(self) -> int:
+        cfg, layout = self.cfg, self.layout
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        tokenizer_path = self.tokenizer_path()
+        self.model = self.build_model()
+        engine, scheduler = build_engine(self.model, cfg.optim, cfg.train.steps, cfg.train.micro_batch_size,
+                                         layout.num_microbatches, bf16=self.dtype() == torch.bfloat16)
+        loader = self.build_loader(tokenizer_path)
+
+        resume = self.resume_point()
+        if resume is not None:
+            self.restore(resume, engine, loader)
+        else:
+            weights = self.initial_weights()
+            if weights is not None:
+                load_weights(self.model, weights)
+                self.log(f"initial weights from {weights.parent}")
+        if not self.run_id:
+            self.run_id = self._shared_run_id()
+        metrics = Metrics(cfg, self.run_dir, self.rank == 0, self.run_id, dist.get_world_size())
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        self.log(f"training {cfg.stage.name} at {layout} from step {self.step} to {cfg.train.steps}: "
+                 f"{layout.num_microbatches} micro-batches of {cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens per DP rank")
+        batches = iter(loader)
+        interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
+        metrics.start_interval()
+        exit_code = 0
+        try:
+            while self.step < cfg.train.steps:
+                micro = [next(batches) for _ in range(layout.num_microbatches)]
+                loss = forward_backward(self.model, micro, cfg.stage.loss_reduction, grad_scale=layout.dp)
+                finalize_grads(self.model, reduce_data_parallel=False)
+                loss = self._broadcast_loss(loss)
+                if self._all_finite(loss):
+                    engine.set_gradient_accumulation_boundary(True)
+                    engine.allreduce_gradients()
+                    engine.step()
+                    grad_norm = float(engine.get_global_grad_norm() or 0.0)
+                    self.skipped_in_a_row = 0
+                else:
+                    engine.zero_grad()
+                    self.model.zero_grad(set_to_none=True)
+                    self.skipped_steps += 1
+                    self.skipped_in_a_row += 1
+                    grad_norm = float("nan")
+                    self.log(f"step {self.step + 1}: non-finite loss or gradients, update skipped "
+                             f"({self.skipped_in_a_row} in a row)")
+                    if self.skipped_in_a_row >= cfg.train.max_skipped_steps:
+                        raise NonFiniteError(f"{self.skipped_in_a_row} non-finite steps in a row (train.max_skipped_steps): "
+                                             "stopping without writing a checkpoint of these weights")
+                self.model.zero_grad(set_to_none=True)
+                self.step += 1
+                tokens, images, samples, fill = self._step_counts(micro)
+                self.consumed_samples += samples
+                interval["tokens"] += tokens
+                interval["samples"] += samples
+                interval["flops"] += 3 * forward_flops(cfg.model, tokens, cfg.train.seq_len, images)
+                interval["fill"] += fill
+                interval["steps"] += 1
+                if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
+                    stats = loader.stats() if hasattr(loader, "stats") else {}
+                    metrics.log(self.step, {
+                        "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                        "pack_fill": interval["fill"] / interval["steps"], "skipped_steps": self.skipped_steps,
+                        "skipped_samples": int(stats.get("skipped_samples", 0)),
+                        "consumed_samples": self.consumed_samples,
+                    }, interval["tokens"], interval["samples"], interval["flops"], interval["steps"])
+                    interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
+                stop = self._stop_requested()
+                if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
+                    self.save(engine, loader, tokenizer_path)
+                if stop:
+                    self.log(f"signal {self.stop_signal or 'on a peer rank'}: checkpoint written at step {self.step}; "
+                             f"exiting with {REQUEUE_EXIT_CODE} so the job can be requeued")
+                    exit_code = REQUEUE_EXIT_CODE
+                    break
+        finally:
+            metrics.close()
+        if exit_code == 0:
+            self.log(f"done: {cfg.train.steps} steps of {cfg.stage.name}; checkpoints in {self.ckpt_root}")
+        return exit_code
+
+    def _shared_run_id(self) -> str:
+        """One W&B run id for the whole run, kept in run_dir so restarts continue the same run."""
+        path = self.run_dir / "wandb_run_id"
+        if self.rank == 0 and not path.is_file():
+            path.write_text(uuid.uuid4().hex[:12])
+        dist.barrier()
+        return path.read_text().strip()
+
+    def _step_counts(self, micro) -> tuple[int, int, int, float]:
+        """(real tokens, image tokens, samples, pack fill) of the whole step, over all DP ranks."""
+        local = torch.zeros(4, dtype=torch.float64)
+        for b in micro:
+            real = b.doc_ids >= 0
+            local += torch.tensor([real.sum(), (b.image_ids >= 0).sum(), (real & _doc_starts(b.doc_ids)).sum(),
+                                   b.tokens.numel()], dtype=torch.float64)
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        tokens, images, samples, slots = local.tolist()
+        return int(tokens), int(images), int(samples), tokens / max(1.0, slots)
+
+
+def _doc_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
+def train(cfg: Config, layout: Layout) -> int:
+    """Entry point for one rank (torch.distributed already initialised)."""
+    runtime.init_model_parallel(layout.tp, layout.pp, seed=cfg.train.seed)
+    started = time.perf_counter()
+    try:
+        code = Trainer(cfg, layout).run()
+    finally:
+        runtime.destroy_model_parallel()
+    if dist.get_rank() == 0:
+        print(f"wall time {time.perf_counter() - started:.1f}s", flush=True)
+    return code
