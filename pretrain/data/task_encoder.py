@@ -1,0 +1,333 @@
+"""The Megatron-Energon task encoder: raw shard members -> packed rows -> micro-batches.
+
+Pipeline inside each loader worker (Energon calls these in this order):
+
+1. ``cook_raw_sample`` (cooker): the crude WebDataset sample (raw bytes per member) -> ``RawSample``
+   (parsed, contract-checked JSON + image bytes in image order). No pixel is decoded yet.
+2. ``preencode_sample``: chat template, tokens, labels, loss mask, image blocks (from the JSON's
+   recorded grids). A sample longer than ``seq_len`` becomes a zero-length "skipped" record
+   (logged with its key and length, never truncated).
+3. ``select_samples_to_pack``: first-fit decreasing over the packing buffer; every record,
+   including skipped ones, goes into some pack (Energon drops whatever a selector leaves out).
+4. ``postencode_sample``: decode the images of the selected documents (size checked against the
+   JSON) into normalised patches. Done after selection so the packing buffer holds only tokens
+   and compressed bytes, not float pixels.
+5. ``pack_selected_samples``: one ``PackedRow`` of exactly ``seq_len`` tokens + its bookkeeping
+   (sample keys, real tokens, skipped records, sample errors seen by this worker).
+6. ``batch``: ``micro_batch_size`` packs -> ``MicroBatch`` (a collated ``NeoBatch`` + bookkeeping).
+
+All of them are ``@stateless`` (pure functions of their input), so Energon can save the loader
+state as sample indices and rebuild buffers on restore.
+
+Errors: a sample that fails in any step (bad JSON, missing or undecodable image, size mismatch)
+is handed by Energon to ``SampleErrorLog.handle`` (installed as the worker config's
+``global_error_handler``): it is logged with dataset, shard, index and key, counted, and skipped.
+The count travels to the trainer inside the next pack of the same worker. Energon raises
+``FatalSampleError`` after 100 failures in a row, which stops the run (data that broken should).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from typing import Any
+
+import torch
+from megatron.energon import Batch, Cooker, DefaultTaskEncoder, Sample, basic_sample_keys, stateless
+from megatron.energon.edataclass import edataclass
+
+from data_prep.schema import validate_sample
+from pretrain.data.images import ImageError, decode_image, image_patches
+from pretrain.data.packing import Document, build_row, first_fit_decreasing
+from pretrain.data.template import ChatTemplate, Rendered
+from pretrain.model.batch import NeoBatch, PackedRow, collate
+
+log = logging.getLogger(__name__)
+
+_IMAGE_MEMBER = re.compile(r"img(\d+)\.(jpg|jpeg|png)")
+_MAX_ERROR_DETAILS = 16  # per pack; the count is always exact
+
+
+class SampleFormatError(ValueError):
+    """A shard sample that does not honour the data_prep contract."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample types flowing through the Energon pipeline
+
+
+@edataclass
+class RawSample(Sample):
+    meta: dict  # the sample JSON
+    images: list  # bytes of img0, img1, ... in image order
+
+
+@edataclass
+class EncodedSample(Sample):
+    """A rendered document; ``rendered`` is None for a record skipped because it is too long."""
+
+    length: int
+    rendered: Rendered | None
+    image_meta: list  # the JSON's images entries (size, grid)
+    image_bytes: list
+    document: Document | None = None  # set by postencode_sample (images decoded)
+
+    @property
+    def skipped(self) -> bool:
+        return self.rendered is None
+
+
+@edataclass
+class Pack(Sample):
+    row: PackedRow
+    keys: tuple  # __key__ of every document in the row, in row order
+    real_tokens: int
+    skipped: tuple  # ((key, length), ...) of too-long samples that rode along with this pack
+    errors: int  # sample errors this worker saw since its previous pack
+    error_details: tuple  # a few (where, message) of those errors
+
+
+@edataclass
+class MicroBatch(Batch):
+    """What the loader workers send to the trainer process."""
+
+    batch: NeoBatch
+    keys: list  # per row: tuple of document keys
+    real_tokens: list  # per row
+    skipped: list  # (key, length) of too-long samples
+    errors: int
+    error_details: list
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def _sample_key(sample: Any) -> str | None:
+    if isinstance(sample, dict):
+        return sample.get("__key__")
+    if isinstance(sample, Sample):
+        return sample.__key__
+    if isinstance(sample, (list, tuple)) and sample:
+        keys = [_sample_key(s) for s in sample]
+        return ",".join(k for k in keys if k)
+    return None
+
+
+class SampleErrorLog:
+    """Energon error handler that logs and counts instead of printing and moving on.
+
+    One instance per task encoder; each loader worker has its own copy (fork), and its pending
+    errors are drained into the worker's next pack, so the trainer sees every count.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._details: list[tuple[str, str]] = []
+
+    def handle(self, exc: Exception, sample: Any, sources: list | None = None) -> None:
+        where = []
+        for src in sources or ():
+            shard = getattr(src, "shard_name", "?")
+            where.append(f"{getattr(src, 'dataset_path', '?')}:{shard}[{getattr(src, 'index', '?')}]")
+        key = _sample_key(sample)
+        location = " ".join(where) or "unknown source"
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("skipping sample %s (%s): %s", key, location, message)
+        with self._lock:
+            self._count += 1
+            if len(self._details) < _MAX_ERROR_DETAILS:
+                self._details.append((f"{location} key={key}", message))
+
+    def drain(self) -> tuple[int, tuple]:
+        with self._lock:
+            count, details = self._count, tuple(self._details)
+            self._count, self._details = 0, []
+        return count, details
+
+    # A lock cannot be pickled; Energon copies the worker config (and this handler with it).
+    def __getstate__(self):
+        return {"_count": self._count, "_details": list(self._details)}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self._count, self._details = state["_count"], state["_details"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cooker
+
+
+_threads_set_in: int | None = None
+
+
+def _limit_worker_threads() -> None:
+    """torch's default thread count makes the small tensor ops of the loader 10-30x slower in
+    worker processes (PLATFORM.md): one thread per worker. The trainer process is left alone."""
+    global _threads_set_in
+    pid = os.getpid()
+    if _threads_set_in != pid:
+        _threads_set_in = pid
+        if torch.utils.data.get_worker_info() is not None:
+            torch.set_num_threads(1)
+
+
+@stateless
+def cook_raw_sample(raw: dict) -> RawSample:
+    """Crude WebDataset sample (member suffix -> bytes) -> parsed JSON + ordered image bytes."""
+    _limit_worker_threads()
+    data = raw.get("json")
+    if data is None:
+        raise SampleFormatError("sample has no .json member")
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SampleFormatError(f"sample JSON does not parse: {exc}") from None
+    problems = validate_sample(meta)
+    if problems:
+        raise SampleFormatError("sample JSON breaks the data_prep contract: " + "; ".join(problems))
+    found: dict[int, bytes] = {}
+    for name, value in raw.items():
+        match = _IMAGE_MEMBER.fullmatch(name)
+        if match:
+            found[int(match.group(1))] = value
+    n = len(meta["images"])
+    if sorted(found) != list(range(n)):
+        raise SampleFormatError(f"JSON lists {n} images but the shard holds members {sorted(found)}")
+    return RawSample(**basic_sample_keys(raw), meta=meta, images=[found[i] for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Task encoder
+
+
+class NeoTaskEncoder(DefaultTaskEncoder):
+    """Template + packing for NEO; ``seq_len`` is the packed row length."""
+
+    cookers = [Cooker(cook_raw_sample)]
+    decoder = None  # cookers get the stored bytes; we decode images ourselves, never pickles
+
+    def __init__(self, tokenizer, seq_len: int, error_log: SampleErrorLog | None = None):
+        super().__init__()
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        self.template = ChatTemplate(tokenizer)
+        self.seq_len = int(seq_len)
+        self.pad_id = self.template.pad_id
+        self.error_log = error_log if error_log is not None else SampleErrorLog()
+
+    # 2. template ------------------------------------------------------------------------------
+    @stateless
+    def preencode_sample(self, sample: RawSample) -> EncodedSample:
+        rendered = self.template.render(sample.meta)
+        length = len(rendered)
+        if length > self.seq_len:
+            log.warning(
+                "skipping sample %s: %d tokens > seq_len %d (never truncated)", sample.__key__, length, self.seq_len
+            )
+            return EncodedSample.derive_from(sample, length=length, rendered=None, image_meta=[], image_bytes=[])
+        return EncodedSample.derive_from(
+            sample, length=length, rendered=rendered, image_meta=sample.meta["images"], image_bytes=sample.images
+        )
+
+    # 3. selection -----------------------------------------------------------------------------
+    def select_samples_to_pack(self, samples: list[EncodedSample]) -> list[list[EncodedSample]]:
+        real = [i for i, s in enumerate(samples) if not s.skipped]
+        bins = [[real[j] for j in b] for b in first_fit_decreasing([samples[i].length for i in real], self.seq_len)]
+        skipped = [i for i, s in enumerate(samples) if s.skipped]
+        if skipped:
+            # Skipped records ride along with the first pack so that they are counted. A buffer of
+            # nothing but skipped records makes one all-padding pack (no supervised token).
+            if bins:
+                bins[0] = sorted(bins[0] + skipped)
+            else:
+                bins = [skipped]
+        return [[samples[i] for i in b] for b in bins]
+
+    # 4. pixels --------------------------------------------------------------------------------
+    @stateless
+    def postencode_sample(self, sample: EncodedSample) -> EncodedSample:
+        if sample.skipped:
+            return sample
+        r = sample.rendered
+        patches = None
+        if sample.image_meta:
+            parts = []
+            for entry, data in zip(sample.image_meta, sample.image_bytes, strict=True):
+                image = decode_image(data, entry["size"])
+                parts.append(image_patches(image, entry["grid"]))
+            patches = torch.cat(parts)
+            expected = 4 * int((r.image_grids[:, 0] * r.image_grids[:, 1]).sum())
+            if patches.shape[0] != expected:
+                raise ImageError(f"{patches.shape[0]} patches for grids needing {expected}")
+        document = Document(
+            key=sample.__key__,
+            tokens=r.tokens,
+            labels=r.labels(self.pad_id),
+            loss_mask=r.loss_mask(),
+            image_ids=r.image_ids,
+            image_grids=r.image_grids,
+            patches=patches,
+        )
+        return EncodedSample.derive_from(
+            sample, length=sample.length, rendered=r, image_meta=sample.image_meta, image_bytes=[], document=document
+        )
+
+    # 5. row -----------------------------------------------------------------------------------
+    @stateless
+    def pack_selected_samples(self, samples: list[EncodedSample]) -> Pack:
+        documents = [s.document for s in samples if not s.skipped]
+        row = build_row(documents, self.seq_len, self.pad_id)
+        errors, details = self.error_log.drain()
+        keys = tuple(d.key for d in documents)
+        return Pack(
+            __key__=keys[0] if keys else samples[0].__key__,
+            __restore_key__=(),
+            __sources__=tuple(src for s in samples for src in (s.__sources__ or ())),
+            row=row,
+            keys=keys,
+            real_tokens=sum(len(d) for d in documents),
+            skipped=tuple((s.__key__, s.length) for s in samples if s.skipped),
+            errors=errors,
+            error_details=details,
+        )
+
+    # 6. micro-batch ---------------------------------------------------------------------------
+    @stateless
+    def batch(self, samples: list[Pack]) -> MicroBatch:
+        return MicroBatch(
+            __key__=[k for p in samples for k in p.keys],
+            __restore_key__=(),
+            batch=collate([p.row for p in samples]),
+            keys=[p.keys for p in samples],
+            real_tokens=[p.real_tokens for p in samples],
+            skipped=[s for p in samples for s in p.skipped],
+            errors=sum(p.errors for p in samples),
+            error_details=[d for p in samples for d in p.error_details],
+        )
+
+
+def encode_document(encoder: NeoTaskEncoder, meta: dict, images: list[bytes], key: str = "sample") -> Document:
+    """Encode one sample outside Energon (tests, tools): template + decoded images, as packed."""
+    raw = RawSample(__key__=key, __restore_key__=(), meta=meta, images=list(images))
+    encoded = encoder.postencode_sample(encoder.preencode_sample(raw))
+    if encoded.skipped:
+        raise ValueError(f"sample {key} has {encoded.length} tokens > seq_len {encoder.seq_len}")
+    return encoded.document
+
+
+__all__ = [
+    "EncodedSample",
+    "MicroBatch",
+    "NeoTaskEncoder",
+    "Pack",
+    "RawSample",
+    "SampleErrorLog",
+    "SampleFormatError",
+    "cook_raw_sample",
+    "encode_document",
+]
