@@ -40,6 +40,7 @@ GRAD_PARAMS = [
 STAGE1_ROLES = ("vision", "pre_buffer", "post_llm_hw")
 LAYOUTS = [(2, 2), (2, 1), (1, 2), (1, 1)]
 SP = (2, 2, "sp")  # TP2PP2 with sequence parallelism
+UNEVEN = (1, 2, "split")  # PP2 with 3 + 1 layers (parallel.pipeline_split)
 
 
 def _run(*args: str) -> str:
@@ -59,10 +60,11 @@ def _mm_rows():
 # ---------------------------------------------------------------------------------- rank bodies
 
 
-def _build(neo, tp, pp, init=False, sp=False):
+def _build(neo, tp, pp, init=False, sp=False, split=()):
     from pretrain.model.neo import NeoModel, transformer_config
 
-    return NeoModel(transformer_config(neo, tp=tp, pp=pp, init_weights=init, sequence_parallel=sp), neo)
+    return NeoModel(transformer_config(neo, tp=tp, pp=pp, init_weights=init, sequence_parallel=sp,
+                                       pipeline_split=split), neo)
 
 
 def _full_grads(model, names):
@@ -150,16 +152,17 @@ def _layouts_body(work: str):
     work = Path(work)
     rows = _mm_rows()
     out = {}
-    for layout in [*LAYOUTS, SP]:
+    for layout in [*LAYOUTS, SP, UNEVEN]:
         tp, pp = layout[:2]
         with runtime.model_parallel(tp, pp, seed=11):
-            model = _build(RANDOM_NEO, tp, pp, sp=layout == SP)
+            model = _build(RANDOM_NEO, tp, pp, sp=layout == SP, split=(3, 1) if layout == UNEVEN else ())
             load_weights(model, work / "random" / "model")
             dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
             micro = _micro_batches(rows, dp, dp_rank)
             loss = forward_backward(model, micro)
             finalize_grads(model)
-            out[layout] = {"loss": loss, "grads": _full_grads(model, GRAD_PARAMS), "dp_rank": dp_rank}
+            out[layout] = {"loss": loss, "grads": _full_grads(model, GRAD_PARAMS), "dp_rank": dp_rank,
+                           "stage_layers": (ps.get_pipeline_model_parallel_rank(), len(model.decoder.layers))}
             if layout == (2, 2):
                 logits = forward_logits(model, micro)
                 out[(tp, pp)]["logits"] = torch.cat(logits) if logits else None
@@ -299,11 +302,11 @@ def test_matches_naive_spec_implementation(work, reference):
 
 @pytest.mark.slow
 def test_layouts_match_tp1pp1(reference, layouts):
-    """Loss and gradients at TP2PP2, TP2xDP2, PP2xDP2, DP4 and TP2PP2 with sequence parallelism
-    against one process.
+    """Loss and gradients at TP2PP2, TP2xDP2, PP2xDP2, DP4, TP2PP2 with sequence parallelism
+    and an uneven pipeline split (3 + 1 layers) against one process.
     Tolerances: loss 1e-6 relative, gradients 1e-5 of the largest element: fp32 sums in another
     order (TP splits matmuls, DP sums partial gradients), nothing else."""
-    for layout in [*LAYOUTS, SP]:
+    for layout in [*LAYOUTS, SP, UNEVEN]:
         results = [r[layout] for r in layouts]
         losses = [r["loss"] for r in results if r["loss"] is not None]
         assert losses and all(loss == pytest.approx(reference["mm_loss"], rel=1e-6) for loss in losses), (layout, losses)
@@ -316,7 +319,8 @@ def test_layouts_match_tp1pp1(reference, layouts):
                 assert err < 1e-5, f"{layout} {name}: relative error {err:.2e}"
                 seen.add(name)
         assert seen == set(GRAD_PARAMS), (layout, set(GRAD_PARAMS) - seen)
-    print(f"loss {reference['mm_loss']:.6f} equal at TP1PP1, TP2PP2, TP2xDP2, PP2xDP2, DP4, TP2PP2+SP")
+    assert {r[UNEVEN]["stage_layers"] for r in layouts} == {(0, 3), (1, 1)}
+    print(f"loss {reference['mm_loss']:.6f} equal at TP1PP1, TP2PP2, TP2xDP2, PP2xDP2, DP4, TP2PP2+SP, PP2 split 3+1")
 
 
 @pytest.mark.slow
