@@ -43,7 +43,7 @@ from pathlib import Path
 from megatron.energon import WorkerConfig, get_savable_loader, get_train_dataset
 
 from pretrain.data.state import from_plain, to_plain
-from pretrain.data.task_encoder import MicroBatch, NeoTaskEncoder, SampleErrorLog
+from pretrain.data.task_encoder import MicroBatch, NeoTaskEncoder, SampleErrorLog, single_thread
 from pretrain.data.template import load_tokenizer
 from pretrain.model.batch import NeoBatch
 
@@ -175,13 +175,15 @@ class NeoDataLoader:
         return self
 
     def __next__(self) -> NeoBatch:
-        if self._iterator is None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*pin_memory.*")
-                self._iterator = iter(self._loader)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*pin_memory.*")
-            micro: MicroBatch = next(self._iterator)
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")  # no CUDA: nothing to pin
+            if self._iterator is None:
+                self._iterator = iter(self._loader)
+            if self.config.num_workers == 0:  # the data work runs right here, in the trainer process
+                with single_thread():
+                    micro: MicroBatch = next(self._iterator)
+            else:
+                micro = next(self._iterator)
         self._account(micro)
         return micro.batch
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pretrain.data.images import decode_image, image_patches
+from pretrain.data.task_encoder import single_thread
 from pretrain.data.template import ChatTemplate
 
 
@@ -40,9 +41,10 @@ def build_prompt(template: ChatTemplate | object, sample: dict, images: Sequence
         raise ValueError(f"prompt needs {n} images, got {len(images)}")
     patches = None
     if n:
-        patches = torch.cat(
-            [image_patches(decode_image(data, e["size"]), e["grid"]) for e, data in zip(entries, images)]
-        )
+        with single_thread():
+            patches = torch.cat(
+                [image_patches(decode_image(data, e["size"]), e["grid"]) for e, data in zip(entries, images)]
+            )
     return Prompt(
         tokens=torch.from_numpy(rendered.tokens),
         image_ids=torch.from_numpy(rendered.image_ids),
