@@ -37,7 +37,7 @@ def decode_image(data: bytes, size: tuple[int, int] | list[int]) -> Image.Image:
             image.load()
     except ImageError:
         raise
-    except Exception as exc:  # PIL raises many types for broken data
+    except Exception as exc:  # noqa: BLE001 - PIL raises many exception types for broken data
         raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
     if image.mode != "RGB":
         image = image.convert("RGB")

@@ -64,7 +64,9 @@ class LoaderConfig:
     tokenizer: str | None = None  # HF tokenizer dir; default <path>/tokenizer for a shard dir
     num_workers: int = 1  # loader processes per rank (0: in the trainer process)
     seed: int = 1234
-    packing_buffer_size: int = 128  # encoded samples per first-fit round
+    packing_buffer_size: int = (
+        512  # samples per first-fit round; pack fill grows with buffer tokens / seq_len
+    )
     shuffle_buffer_size: int = 256  # raw samples; 0 disables the sample shuffle buffer
     max_samples_per_sequence: int | None = 64  # samples read in a row from one shard slice
     repeat: bool = True  # False: stop after one pass (tests, evaluation)
@@ -109,7 +111,9 @@ def resolve_tokenizer_path(config: LoaderConfig) -> Path:
     default = Path(config.path) / "tokenizer"
     if default.is_dir():
         return default
-    raise ValueError(f"no tokenizer given and {default} does not exist: set the tokenizer directory explicitly")
+    raise ValueError(
+        f"no tokenizer given and {default} does not exist: set the tokenizer directory explicitly"
+    )
 
 
 def _check_data_path(path: str) -> None:
@@ -196,7 +200,9 @@ class NeoDataLoader:
         s.row_tokens += len(micro.keys) * self.config.seq_len
         s.skipped_too_long += len(micro.skipped)
         s.sample_errors += micro.errors
-        self.last = BatchInfo(keys=list(micro.keys), real_tokens=list(micro.real_tokens), seq_len=self.config.seq_len)
+        self.last = BatchInfo(
+            keys=list(micro.keys), real_tokens=list(micro.real_tokens), seq_len=self.config.seq_len
+        )
 
     def interval_stats(self) -> LoaderStats:
         """Counters since the previous call (for per-log-interval metrics such as pack fill)."""
@@ -237,7 +243,9 @@ class NeoDataLoader:
         if self._iterator is not None:
             raise RuntimeError("load_state_dict must be called before the first batch is drawn")
         if not isinstance(state, dict) or "layout" not in state or "energon" not in state:
-            raise LoaderStateError("not a loader state (expected the dict written by NeoDataLoader.state_dict)")
+            raise LoaderStateError(
+                "not a loader state (expected the dict written by NeoDataLoader.state_dict)"
+            )
         saved, current = state["layout"], self.layout()
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
         if diffs:
@@ -248,9 +256,13 @@ class NeoDataLoader:
                 "or convert the state with `energon checkpoint redist` (DP size changes) first."
             )
         if state.get("seed") != self.config.seed:
-            raise LoaderStateError(f"data loader state was saved with seed {state.get('seed')}, this run uses {self.config.seed}")
+            raise LoaderStateError(
+                f"data loader state was saved with seed {state.get('seed')}, this run uses {self.config.seed}"
+            )
         if state.get("data_path") != str(self.config.path):
-            log.warning("data loader state was saved for %s, resuming on %s", state.get("data_path"), self.config.path)
+            log.warning(
+                "data loader state was saved for %s, resuming on %s", state.get("data_path"), self.config.path
+            )
         self._loader.restore_state_rank(from_plain(state["energon"]))
         self.stats = LoaderStats(**state.get("stats", {}))
         self._interval_mark = LoaderStats(**asdict(self.stats))
@@ -264,10 +276,10 @@ class NeoDataLoader:
 
 
 __all__ = [
+    "STATE_VERSION",
     "BatchInfo",
     "LoaderConfig",
     "LoaderStateError",
     "LoaderStats",
     "NeoDataLoader",
-    "STATE_VERSION",
 ]

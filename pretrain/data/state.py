@@ -21,12 +21,22 @@ import numpy as np
 import torch
 from megatron.energon.flavors.webdataset.sample_loader import SliceState
 from megatron.energon.rng import SystemRngState
-from megatron.energon.savable_loader import SavableDataLoaderState, SavableDatasetCheckpoint, SavableDatasetState
+from megatron.energon.savable_loader import (
+    SavableDataLoaderState,
+    SavableDatasetCheckpoint,
+    SavableDatasetState,
+)
 from megatron.energon.state import FlexState
 
 _DATACLASSES = {
     cls.__name__: cls
-    for cls in (SavableDataLoaderState, SavableDatasetCheckpoint, SavableDatasetState, SystemRngState, SliceState)
+    for cls in (
+        SavableDataLoaderState,
+        SavableDatasetCheckpoint,
+        SavableDatasetState,
+        SystemRngState,
+        SliceState,
+    )
 }
 _DTYPES = {
     "uint8": (torch.uint8, np.uint8),
@@ -76,10 +86,16 @@ def to_plain(obj: Any, path: str = "state") -> Any:
             raise TypeError(f"{path}: array dtype {obj.dtype} is not storable")
         a = np.ascontiguousarray(obj)
         return {"__ndarray__": _NUMPY_NAMES[a.dtype], "shape": list(a.shape), "data": _b64(a.tobytes())}
-    if dataclasses.is_dataclass(obj) and type(obj).__name__ in _DATACLASSES and _DATACLASSES[type(obj).__name__] is type(obj):
+    if (
+        dataclasses.is_dataclass(obj)
+        and type(obj).__name__ in _DATACLASSES
+        and _DATACLASSES[type(obj).__name__] is type(obj)
+    ):
         fields = {f.name: to_plain(getattr(obj, f.name), f"{path}.{f.name}") for f in dataclasses.fields(obj)}
         return {"__dataclass__": type(obj).__name__, "fields": fields}
-    raise TypeError(f"{path}: cannot store a {type(obj).__module__}.{type(obj).__qualname__} in the loader state")
+    raise TypeError(
+        f"{path}: cannot store a {type(obj).__module__}.{type(obj).__qualname__} in the loader state"
+    )
 
 
 def from_plain(data: Any, path: str = "state") -> Any:
@@ -96,14 +112,21 @@ def from_plain(data: Any, path: str = "state") -> Any:
         return tuple(from_plain(v, f"{path}[{i}]") for i, v in enumerate(data["__tuple__"]))
     if "__dict__" in data or "__flex__" in data:
         flex = "__flex__" in data
-        items = {from_plain(k, f"{path}.key"): from_plain(v, f"{path}[{k!r}]") for k, v in data["__flex__" if flex else "__dict__"]}
+        items = {
+            from_plain(k, f"{path}.key"): from_plain(v, f"{path}[{k!r}]")
+            for k, v in data["__flex__" if flex else "__dict__"]
+        }
         return FlexState(items) if flex else items
     if "__tensor__" in data or "__ndarray__" in data:
         is_tensor = "__tensor__" in data
         name = data["__tensor__"] if is_tensor else data["__ndarray__"]
         if name not in _DTYPES:
             raise ValueError(f"{path}: dtype {name!r} is not allowed in a loader state")
-        array = np.frombuffer(base64.b64decode(data["data"]), dtype=_DTYPES[name][1]).reshape(data["shape"]).copy()
+        array = (
+            np.frombuffer(base64.b64decode(data["data"]), dtype=_DTYPES[name][1])
+            .reshape(data["shape"])
+            .copy()
+        )
         return torch.from_numpy(array) if is_tensor else array
     if "__dataclass__" in data:
         cls = _DATACLASSES.get(data["__dataclass__"])

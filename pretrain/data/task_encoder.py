@@ -28,6 +28,7 @@ The count travels to the trainer inside the next pack of the same worker. Energo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -102,6 +103,13 @@ class MicroBatch(Batch):
     skipped: list  # (key, length) of too-long samples
     errors: int
     error_details: list
+
+    def pin_memory(self) -> MicroBatch:
+        """Called by the DataLoader's pin-memory thread on GPU machines: pin the tensors only."""
+        b = self.batch
+        pinned = {f.name: getattr(b, f.name) for f in dataclasses.fields(b)}
+        pinned = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in pinned.items()}
+        return dataclasses.replace(self, batch=NeoBatch(**pinned))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +234,7 @@ def cook_raw_sample(raw: dict) -> RawSample:
 class NeoTaskEncoder(DefaultTaskEncoder):
     """Template + packing for NEO; ``seq_len`` is the packed row length."""
 
-    cookers = [Cooker(cook_raw_sample)]
+    cookers = (Cooker(cook_raw_sample),)
     decoder = None  # cookers get the stored bytes; we decode images ourselves, never pickles
 
     def __init__(self, tokenizer, seq_len: int, error_log: SampleErrorLog | None = None):
@@ -245,17 +253,29 @@ class NeoTaskEncoder(DefaultTaskEncoder):
         length = len(rendered)
         if length > self.seq_len:
             log.warning(
-                "skipping sample %s: %d tokens > seq_len %d (never truncated)", sample.__key__, length, self.seq_len
+                "skipping sample %s: %d tokens > seq_len %d (never truncated)",
+                sample.__key__,
+                length,
+                self.seq_len,
             )
-            return EncodedSample.derive_from(sample, length=length, rendered=None, image_meta=[], image_bytes=[])
+            return EncodedSample.derive_from(
+                sample, length=length, rendered=None, image_meta=[], image_bytes=[]
+            )
         return EncodedSample.derive_from(
-            sample, length=length, rendered=rendered, image_meta=sample.meta["images"], image_bytes=sample.images
+            sample,
+            length=length,
+            rendered=rendered,
+            image_meta=sample.meta["images"],
+            image_bytes=sample.images,
         )
 
     # 3. selection -----------------------------------------------------------------------------
     def select_samples_to_pack(self, samples: list[EncodedSample]) -> list[list[EncodedSample]]:
         real = [i for i, s in enumerate(samples) if not s.skipped]
-        bins = [[real[j] for j in b] for b in first_fit_decreasing([samples[i].length for i in real], self.seq_len)]
+        bins = [
+            [real[j] for j in b]
+            for b in first_fit_decreasing([samples[i].length for i in real], self.seq_len)
+        ]
         skipped = [i for i, s in enumerate(samples) if s.skipped]
         if skipped:
             # Skipped records ride along with the first pack so that they are counted. A buffer of
@@ -292,7 +312,12 @@ class NeoTaskEncoder(DefaultTaskEncoder):
             patches=patches,
         )
         return EncodedSample.derive_from(
-            sample, length=sample.length, rendered=r, image_meta=sample.image_meta, image_bytes=[], document=document
+            sample,
+            length=sample.length,
+            rendered=r,
+            image_meta=sample.image_meta,
+            image_bytes=[],
+            document=document,
         )
 
     # 5. row -----------------------------------------------------------------------------------
@@ -329,7 +354,9 @@ class NeoTaskEncoder(DefaultTaskEncoder):
         )
 
 
-def encode_document(encoder: NeoTaskEncoder, meta: dict, images: list[bytes], key: str = "sample") -> Document:
+def encode_document(
+    encoder: NeoTaskEncoder, meta: dict, images: list[bytes], key: str = "sample"
+) -> Document:
     """Encode one sample outside Energon (tests, tools): template + decoded images, as packed."""
     raw = RawSample(__key__=key, __restore_key__=(), meta=meta, images=list(images))
     with single_thread():

@@ -52,7 +52,9 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path} is not an HF tokenizer directory (no tokenizer.json / tokenizer_config.json)")
+        raise FileNotFoundError(
+            f"{path} is not an HF tokenizer directory (no tokenizer.json / tokenizer_config.json)"
+        )
     return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -93,7 +95,9 @@ class ChatTemplate:
         for token in (IMG_CONTEXT, IMG_START, IMG_END, IM_START, IM_END, EOS):
             tid = tokenizer.convert_tokens_to_ids(token)
             if tid is None or tid == getattr(tokenizer, "unk_token_id", None):
-                raise ValueError(f"tokenizer has no {token!r} token: use a NEO tokenizer (data_prep tokenizer)")
+                raise ValueError(
+                    f"tokenizer has no {token!r} token: use a NEO tokenizer (data_prep tokenizer)"
+                )
             ids[token] = int(tid)
         self.img_context_id = ids[IMG_CONTEXT]
         self.img_start_id = ids[IMG_START]
@@ -190,7 +194,9 @@ class ChatTemplate:
         def add(tokens: np.ndarray, supervised: bool, image_ids: np.ndarray | None = None) -> None:
             tok_pieces.append(tokens)
             sup_pieces.append(np.full(tokens.shape[0], supervised, dtype=bool))
-            img_pieces.append(image_ids if image_ids is not None else np.full(tokens.shape[0], -1, dtype=np.int64))
+            img_pieces.append(
+                image_ids if image_ids is not None else np.full(tokens.shape[0], -1, dtype=np.int64)
+            )
 
         for part in parts:
             what = part[0]

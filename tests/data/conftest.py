@@ -15,8 +15,18 @@ SYNTHETIC_SEED = 7
 
 
 def build_synthetic(output: Path, num: int, seed: int, mix: str | None = None) -> Path:
-    argv = ["synthetic", "--output", str(output), "--num", str(num), "--seed", str(seed), "--no-progress",
-            "--workers", "1"]
+    argv = [
+        "synthetic",
+        "--output",
+        str(output),
+        "--num",
+        str(num),
+        "--seed",
+        str(seed),
+        "--no-progress",
+        "--workers",
+        "1",
+    ]
     if mix:
         argv += ["--mix", mix]
     assert data_prep_main(argv) == 0
@@ -34,6 +44,33 @@ def tokenizer(synthetic):
     from pretrain.data.template import load_tokenizer
 
     return load_tokenizer(synthetic / "tokenizer")
+
+
+BLEND = """\
+__module__: megatron.energon
+__class__: MetadatasetV2
+splits:
+  train:
+    blend:
+      - weight: 1
+        path: captions
+      - weight: 1
+        path: text
+      - weight: 2
+        path: {mixed}
+"""
+
+
+@pytest.fixture(scope="session")
+def blend_yaml(synthetic, tmp_path_factory) -> Path:
+    """A MetadatasetV2 blend: captions-only and text-only sets (weight 1 each) and the mixed
+    synthetic set (weight 2); keys tell them apart (seeds 21, 22 and SYNTHETIC_SEED)."""
+    root = tmp_path_factory.mktemp("blend")
+    build_synthetic(root / "captions", 24, seed=21, mix="caption=1")
+    build_synthetic(root / "text", 24, seed=22, mix="text=1")
+    path = root / "blend.yaml"
+    path.write_text(BLEND.format(mixed=synthetic))
+    return path
 
 
 @pytest.fixture

@@ -13,7 +13,9 @@ def main(spec_path: str, out_path: str) -> None:
     from pretrain.data import LoaderConfig, NeoDataLoader
 
     results = {}
-    for run in json.loads(open(spec_path).read()):
+    with open(spec_path) as f:
+        runs = json.load(f)
+    for run in runs:
         loader = NeoDataLoader(LoaderConfig(**run["config"]), dp_rank=run["dp_rank"], dp_size=run["dp_size"])
         with open(run["state"]) as f:
             loader.load_state_dict(json.load(f))

@@ -7,31 +7,6 @@ from collections import Counter
 import pytest
 
 from pretrain.data import LoaderConfig, NeoDataLoader
-from tests.data.conftest import build_synthetic
-
-BLEND = """\
-__module__: megatron.energon
-__class__: MetadatasetV2
-splits:
-  train:
-    blend:
-      - weight: 1
-        path: captions
-      - weight: 1
-        path: text
-      - weight: 2
-        path: {mixed}
-"""
-
-
-@pytest.fixture(scope="module")
-def blend_yaml(synthetic, tmp_path_factory):
-    root = tmp_path_factory.mktemp("blend")
-    build_synthetic(root / "captions", 24, seed=21, mix="caption=1")
-    build_synthetic(root / "text", 24, seed=22, mix="text=1")
-    path = root / "blend.yaml"
-    path.write_text(BLEND.format(mixed=synthetic))
-    return path
 
 
 def source_of(key: str) -> str:
@@ -39,8 +14,15 @@ def source_of(key: str) -> str:
 
 
 def test_blend_mixes_sets_by_weight(blend_yaml, synthetic, tokenizer):
-    cfg = LoaderConfig(path=str(blend_yaml), tokenizer=str(synthetic / "tokenizer"), seq_len=256,
-                       micro_batch_size=2, num_workers=0, packing_buffer_size=16, shuffle_buffer_size=16)
+    cfg = LoaderConfig(
+        path=str(blend_yaml),
+        tokenizer=str(synthetic / "tokenizer"),
+        seq_len=256,
+        micro_batch_size=2,
+        num_workers=0,
+        packing_buffer_size=16,
+        shuffle_buffer_size=16,
+    )
     loader = NeoDataLoader(cfg, tokenizer=tokenizer)
     counts = Counter()
     batches = []

@@ -23,7 +23,7 @@ def corrupt_member(shard, name: str, data: bytes | None = None) -> None:
 
 
 def pick_members(data_dir):
-    shard = sorted(data_dir.glob("*.tar"))[0]
+    shard = min(data_dir.glob("*.tar"))
     with tarfile.open(shard) as tar:
         names = tar.getnames()
     jpg = next(n for n in names if n.endswith(".img0.jpg"))
@@ -32,8 +32,16 @@ def pick_members(data_dir):
 
 
 def one_pass(path, tokenizer, workers):
-    cfg = LoaderConfig(path=str(path), seq_len=256, micro_batch_size=2, num_workers=workers, repeat=False,
-                       packing_buffer_size=16, shuffle_buffer_size=8, max_samples_per_sequence=8)
+    cfg = LoaderConfig(
+        path=str(path),
+        seq_len=256,
+        micro_batch_size=2,
+        num_workers=workers,
+        repeat=False,
+        packing_buffer_size=16,
+        shuffle_buffer_size=8,
+        max_samples_per_sequence=8,
+    )
     loader = NeoDataLoader(cfg, tokenizer=tokenizer)
     keys = [k for _ in loader for row in loader.last.keys for k in row]
     loader.close()
@@ -65,8 +73,14 @@ def test_everything_broken_stops_with_fatal_sample_error(synthetic_copy, tokeniz
             names = [n for n in tar.getnames() if n.endswith(".json")]
         for name in names:
             corrupt_member(shard, name)
-    cfg = LoaderConfig(path=str(synthetic_copy), seq_len=256, micro_batch_size=1, num_workers=0,
-                       packing_buffer_size=4, shuffle_buffer_size=0)
+    cfg = LoaderConfig(
+        path=str(synthetic_copy),
+        seq_len=256,
+        micro_batch_size=1,
+        num_workers=0,
+        packing_buffer_size=4,
+        shuffle_buffer_size=0,
+    )
     loader = NeoDataLoader(cfg, tokenizer=tokenizer)
     logging.getLogger("pretrain.data.task_encoder").disabled = True
     try:

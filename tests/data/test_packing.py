@@ -14,7 +14,7 @@ import torch
 
 from pretrain.data import LoaderConfig, NeoDataLoader
 from pretrain.data.packing import Document, build_row, first_fit_decreasing
-from pretrain.data.task_encoder import EncodedSample, NeoTaskEncoder
+from pretrain.data.task_encoder import NeoTaskEncoder
 from pretrain.data.template import ChatTemplate
 from pretrain.model.batch import collate
 
@@ -58,7 +58,11 @@ def make_document(key: str, n: int, grids: list[tuple[int, int]], seed: int) -> 
 
 
 def test_build_row_layout():
-    docs = [make_document("a", 10, [(1, 2)], 0), make_document("b", 5, [], 1), make_document("c", 20, [(2, 2), (1, 1)], 2)]
+    docs = [
+        make_document("a", 10, [(1, 2)], 0),
+        make_document("b", 5, [], 1),
+        make_document("c", 20, [(2, 2), (1, 1)], 2),
+    ]
     row = build_row(docs, 40, pad_id=0)
     assert row.tokens.shape == (40,) and row.tokens.dtype == torch.long
     assert row.doc_ids.tolist() == [0] * 10 + [1] * 5 + [2] * 20 + [-1] * 5
@@ -83,8 +87,12 @@ def test_selector_keeps_every_sample_and_carries_too_long_ones(tokenizer):
     rng = random.Random(0)
     words = ["red", "green", "blue", "square", "circle", "two", "three"]
     raws = [
-        RawSample(__key__=f"k{i}", __restore_key__=(), images=[],
-                  meta={"kind": "text", "text": " ".join(rng.choices(words, k=rng.randint(1, 30))), "images": []})
+        RawSample(
+            __key__=f"k{i}",
+            __restore_key__=(),
+            images=[],
+            meta={"kind": "text", "text": " ".join(rng.choices(words, k=rng.randint(1, 30))), "images": []},
+        )
         for i in range(40)
     ]
     samples = [enc.preencode_sample(r) for r in raws]
@@ -126,8 +134,17 @@ def sample_lengths(data_dir, tokenizer) -> dict[str, int]:
 
 
 def one_pass(path, dp_rank, dp_size, seq_len, **kw):
-    cfg = LoaderConfig(path=str(path), seq_len=seq_len, micro_batch_size=2, num_workers=0, repeat=False,
-                       packing_buffer_size=16, shuffle_buffer_size=8, max_samples_per_sequence=8, **kw)
+    cfg = LoaderConfig(
+        path=str(path),
+        seq_len=seq_len,
+        micro_batch_size=2,
+        num_workers=0,
+        repeat=False,
+        packing_buffer_size=16,
+        shuffle_buffer_size=8,
+        max_samples_per_sequence=8,
+        **kw,
+    )
     loader = NeoDataLoader(cfg, dp_rank=dp_rank, dp_size=dp_size)
     batches = []
     for batch in loader:
@@ -157,11 +174,13 @@ def test_epoch_across_two_dp_ranks_loses_and_duplicates_nothing(synthetic, token
                 assert real == info.real_tokens[r] == sum(lengths[k] for k in keys)
                 assert info.fill[r] == pytest.approx(real / seq_len)
                 # Documents are contiguous runs 0..m-1, then padding.
-                ids = batch.doc_ids[r][: real].tolist()
+                ids = batch.doc_ids[r][:real].tolist()
                 assert ids == sorted(ids) and set(ids) == set(range(len(keys)))
         stats = loader.stats
         assert stats.samples == len(rank_keys)
-        assert stats.fill == pytest.approx(sum(sum(i.real_tokens) for _, i in batches) / (stats.rows * seq_len))
+        assert stats.fill == pytest.approx(
+            sum(sum(i.real_tokens) for _, i in batches) / (stats.rows * seq_len)
+        )
         assert 0.5 < stats.fill <= 1.0
         skipped += stats.skipped_too_long
         assert stats.sample_errors == 0
@@ -173,8 +192,16 @@ def test_epoch_across_two_dp_ranks_loses_and_duplicates_nothing(synthetic, token
 
 def test_same_dp_rank_gets_identical_batches_and_seed_decides_order(synthetic):
     def take(seed, n=3):
-        cfg = LoaderConfig(path=str(synthetic), seq_len=128, micro_batch_size=2, num_workers=0, seed=seed,
-                           packing_buffer_size=16, shuffle_buffer_size=16, max_samples_per_sequence=4)
+        cfg = LoaderConfig(
+            path=str(synthetic),
+            seq_len=128,
+            micro_batch_size=2,
+            num_workers=0,
+            seed=seed,
+            packing_buffer_size=16,
+            shuffle_buffer_size=16,
+            max_samples_per_sequence=4,
+        )
         loader = NeoDataLoader(cfg, dp_rank=1, dp_size=2)
         out = []
         for _ in range(n):

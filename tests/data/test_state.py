@@ -20,8 +20,16 @@ BEFORE, AFTER = 3, 3
 
 
 def config(path, **kw) -> LoaderConfig:
-    base = dict(path=str(path), seq_len=128, micro_batch_size=2, num_workers=0, seed=11, packing_buffer_size=12,
-                shuffle_buffer_size=16, max_samples_per_sequence=4)
+    base = {
+        "path": str(path),
+        "seq_len": 128,
+        "micro_batch_size": 2,
+        "num_workers": 0,
+        "seed": 11,
+        "packing_buffer_size": 12,
+        "shuffle_buffer_size": 16,
+        "max_samples_per_sequence": 4,
+    }
     return LoaderConfig(**{**base, **kw})
 
 
@@ -34,30 +42,46 @@ def assert_same_batches(expected: list[dict], got: list[dict]) -> None:
             assert (a is None and b is None) or torch.equal(a, b), name
 
 
-def test_restore_in_fresh_process_gives_the_uninterrupted_batches(synthetic, tokenizer, tmp_path):
+def test_restore_in_fresh_process_gives_the_uninterrupted_batches(synthetic, blend_yaml, tokenizer, tmp_path):
+    """0 and 1 workers on a shard dir, and 1 worker on a weighted blend (its RNG state too)."""
     runs, expected = [], {}
-    for workers in (0, 1):
-        cfg = config(synthetic, num_workers=workers)
+    blend = {"path": str(blend_yaml), "tokenizer": str(synthetic / "tokenizer")}
+    for name, workers, extra in (("w0", 0, {}), ("w1", 1, {}), ("blend", 1, blend)):
+        cfg = dataclasses.replace(config(synthetic, num_workers=workers), **extra)
         loader = NeoDataLoader(cfg, dp_rank=1, dp_size=2, tokenizer=tokenizer)
         for _ in range(BEFORE):
             next(loader)
         state = loader.state_dict()
         text = json.dumps(state)  # plain data: json can hold it as it is
-        (tmp_path / f"state{workers}.json").write_text(text)
+        (tmp_path / f"{name}.json").write_text(text)
         stats_at_save = dataclasses.asdict(loader.stats)
         batches = []
         for _ in range(AFTER):
             batch = next(loader)
             batches.append({"keys": loader.last.keys, **vars(batch)})
-        expected[f"w{workers}"] = (batches, dataclasses.asdict(loader.stats), stats_at_save)
+        expected[name] = (batches, dataclasses.asdict(loader.stats), stats_at_save)
         loader.close()
-        runs.append({"name": f"w{workers}", "config": dataclasses.asdict(cfg), "dp_rank": 1, "dp_size": 2,
-                     "state": str(tmp_path / f"state{workers}.json"), "batches": AFTER})
+        runs.append(
+            {
+                "name": name,
+                "config": dataclasses.asdict(cfg),
+                "dp_rank": 1,
+                "dp_size": 2,
+                "state": str(tmp_path / f"{name}.json"),
+                "batches": AFTER,
+            }
+        )
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(runs))
     out = tmp_path / "out.pt"
-    proc = subprocess.run([sys.executable, "-m", "tests.data.restore_child", str(spec), str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.data.restore_child", str(spec), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out, weights_only=True)
     for name, (batches, stats, stats_at_save) in expected.items():
@@ -96,12 +120,16 @@ def test_restore_on_another_layout_is_refused(synthetic, tokenizer):
         NeoDataLoader(config(synthetic), dp_rank=0, dp_size=1, tokenizer=tokenizer).load_state_dict(state)
     with pytest.raises(LoaderStateError, match="dp_rank: saved 0, now 1"):
         NeoDataLoader(config(synthetic), dp_rank=1, dp_size=2, tokenizer=tokenizer).load_state_dict(state)
-    for change, message in (({"num_workers": 1}, "num_workers: saved 0, now 1"),
-                            ({"micro_batch_size": 1}, "micro_batch_size: saved 2, now 1"),
-                            ({"seq_len": 256}, "seq_len: saved 128, now 256"),
-                            ({"seed": 12}, "seed 11")):
+    for change, message in (
+        ({"num_workers": 1}, "num_workers: saved 0, now 1"),
+        ({"micro_batch_size": 1}, "micro_batch_size: saved 2, now 1"),
+        ({"seq_len": 256}, "seq_len: saved 128, now 256"),
+        ({"seed": 12}, "seed 11"),
+    ):
         with pytest.raises(LoaderStateError, match=message):
-            NeoDataLoader(config(synthetic, **change), dp_rank=0, dp_size=2, tokenizer=tokenizer).load_state_dict(state)
+            NeoDataLoader(
+                config(synthetic, **change), dp_rank=0, dp_size=2, tokenizer=tokenizer
+            ).load_state_dict(state)
     with pytest.raises(LoaderStateError, match="not a loader state"):
         NeoDataLoader(config(synthetic), dp_rank=0, dp_size=2, tokenizer=tokenizer).load_state_dict({"x": 1})
     # Same layout works; but not once batches have been drawn.

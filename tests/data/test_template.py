@@ -36,7 +36,12 @@ def check_shift(doc, pad_id: int, supervised_tokens: np.ndarray) -> None:
 
 
 def image_entry(h: int, w: int) -> dict:
-    return {"orig_size": [h, w], "size": [h, w], "grid": [h // 32, w // 32], "num_tokens": (h // 32) * (w // 32)}
+    return {
+        "orig_size": [h, w],
+        "size": [h, w],
+        "grid": [h // 32, w // 32],
+        "num_tokens": (h // 32) * (w // 32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,9 @@ def test_conversation_with_system_turn(tokenizer, encoder):
     text = tok.decode(doc.tokens.tolist())
     assert text == (
         "<|im_start|>system\nAnswer in one word.<|im_end|>\n"
-        "<|im_start|>user\n" + BLOCK.format("<IMG_CONTEXT>" * 6) + "\nWhich color does the square have?<|im_end|>\n"
+        "<|im_start|>user\n"
+        + BLOCK.format("<IMG_CONTEXT>" * 6)
+        + "\nWhich color does the square have?<|im_end|>\n"
         "<|im_start|>assistant\nblue<|im_end|>\n"
     )
     # ... and tokenising that string in one go gives the same ids (piecewise tokenisation is exact here).
@@ -104,7 +111,10 @@ def test_multi_turn_supervises_every_assistant_turn(tokenizer, encoder):
     assert tok.decode(doc.labels[doc.loss_mask].tolist()) == "Hello.<|im_end|>\n1 2<|im_end|>\n"
     # Unsupervised targets are exactly the system/user turns and the assistant headers.
     unsup = tok.decode(doc.labels[:-1][~doc.loss_mask[:-1]].tolist())
-    assert unsup == "user\nHi<|im_end|>\n<|im_start|>assistant\n<|im_start|>user\nCount to two.<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        unsup
+        == "user\nHi<|im_end|>\n<|im_start|>assistant\n<|im_start|>user\nCount to two.<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_multi_image_blocks_follow_tags_and_grids(tokenizer, encoder):
@@ -182,7 +192,9 @@ def test_generation_prompt(tokenizer):
     assert prompt.image_grids.tolist() == [[2, 1]]
     assert (prompt.image_ids >= 0).sum() == 2 and prompt.patches.shape == (8, 768)
     # Caption samples prompt with their image block alone; text samples have no prompt.
-    cap = build_prompt(template, {"kind": "caption", "text": "x", "images": [image_entry(32, 32)]}, [png_bytes(32, 32)])
+    cap = build_prompt(
+        template, {"kind": "caption", "text": "x", "images": [image_entry(32, 32)]}, [png_bytes(32, 32)]
+    )
     assert tok.decode(cap.tokens.tolist()) == BLOCK.format("<IMG_CONTEXT>")
     with pytest.raises(ValueError, match="kind 'text'"):
         build_prompt(template, {"kind": "text", "text": "x", "images": []}, [])
@@ -247,6 +259,10 @@ def test_template_rejects_inconsistent_samples(tokenizer):
     conv = {"kind": "conversation", "conversations": [{"role": "user", "content": "<image>"}], "images": []}
     with pytest.raises(ValueError, match="more <image> tags"):
         template.render(conv)
-    bad_grid = {"kind": "caption", "text": "x", "images": [{"size": [64, 64], "grid": [2, 2], "num_tokens": 5}]}
+    bad_grid = {
+        "kind": "caption",
+        "text": "x",
+        "images": [{"size": [64, 64], "grid": [2, 2], "num_tokens": 5}],
+    }
     with pytest.raises(ValueError, match="does not match grid"):
         template.render(bad_grid)
