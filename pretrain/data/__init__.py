@@ -8,12 +8,20 @@ Modules, in the order data flows through them:
 - ``packing``: first-fit-decreasing selection and rows of exactly ``seq_len`` tokens.
 - ``task_encoder``: the Megatron-Energon TaskEncoder that chains the above in loader workers,
   and the error handler that logs and counts bad samples.
-- ``loader``: ``NeoDataLoader`` (per data-parallel rank, blends, stats, savable state).
+- ``loader``: ``NeoDataLoader`` / ``TrainLoader`` (per data-parallel rank, blends, stats,
+  savable state).
 - ``state``: Energon loader state <-> plain JSON-able data (checkpoints hold no pickles).
 - ``prompt``: generation prompts for evaluation, rendered as in training.
 """
 
-from pretrain.data.loader import BatchInfo, LoaderConfig, LoaderStateError, LoaderStats, NeoDataLoader
+from pretrain.data.loader import (
+    BatchInfo,
+    LoaderConfig,
+    LoaderStateError,
+    LoaderStats,
+    NeoDataLoader,
+    TrainLoader,
+)
 from pretrain.data.prompt import Prompt, build_prompt
 from pretrain.data.template import ChatTemplate, load_tokenizer
 
@@ -25,6 +33,7 @@ __all__ = [
     "LoaderStats",
     "NeoDataLoader",
     "Prompt",
+    "TrainLoader",
     "build_prompt",
     "load_tokenizer",
 ]

@@ -3,7 +3,9 @@
     loader = NeoDataLoader(LoaderConfig(path=..., seq_len=..., micro_batch_size=...),
                            dp_rank=dp_rank, dp_size=dp_size)
     batch = next(loader)          # NeoBatch of micro_batch_size rows of exactly seq_len tokens
-    loader.stats                  # cumulative LoaderStats (samples, fill, skipped, errors)
+    loader.totals                 # cumulative LoaderStats (samples, fill, skipped, errors)
+    loader.stats()                # the same as a flat dict for metrics (pack_fill, skipped_samples, ...)
+    loader.interval_stats()       # LoaderStats since the previous call (per log interval)
     loader.last                   # BatchInfo of the batch just returned (keys, fill per row)
     state = loader.state_dict()   # plain JSON-able; every DP rank saves its own
     loader.load_state_dict(state) # in a fresh loader, before the first batch
@@ -169,7 +171,7 @@ class NeoDataLoader:
         )
         self._loader = get_savable_loader(dataset, prefetch_factor=config.prefetch_factor)
         self._iterator = None
-        self.stats = LoaderStats()
+        self.totals = LoaderStats()
         self.last: BatchInfo | None = None
         self._interval_mark = LoaderStats()
 
@@ -192,7 +194,7 @@ class NeoDataLoader:
         return micro.batch
 
     def _account(self, micro: MicroBatch) -> None:
-        s = self.stats
+        s = self.totals
         s.batches += 1
         s.rows += len(micro.keys)
         s.samples += sum(len(k) for k in micro.keys)
@@ -204,9 +206,18 @@ class NeoDataLoader:
             keys=list(micro.keys), real_tokens=list(micro.real_tokens), seq_len=self.config.seq_len
         )
 
+    def stats(self) -> dict:
+        """Cumulative counters as a flat dict for metrics; ``skipped_samples`` = too long + errors."""
+        t = self.totals
+        return {
+            **asdict(t),
+            "pack_fill": t.fill,
+            "skipped_samples": t.skipped_too_long + t.sample_errors,
+        }
+
     def interval_stats(self) -> LoaderStats:
         """Counters since the previous call (for per-log-interval metrics such as pack fill)."""
-        now = LoaderStats(**asdict(self.stats))
+        now = LoaderStats(**asdict(self.totals))
         delta = now.minus(self._interval_mark)
         self._interval_mark = now
         return delta
@@ -234,7 +245,7 @@ class NeoDataLoader:
             "layout": self.layout(),
             "seed": self.config.seed,
             "data_path": str(self.config.path),
-            "stats": asdict(self.stats),
+            "stats": asdict(self.totals),
             "energon": to_plain(energon_state),
         }
 
@@ -264,8 +275,8 @@ class NeoDataLoader:
                 "data loader state was saved for %s, resuming on %s", state.get("data_path"), self.config.path
             )
         self._loader.restore_state_rank(from_plain(state["energon"]))
-        self.stats = LoaderStats(**state.get("stats", {}))
-        self._interval_mark = LoaderStats(**asdict(self.stats))
+        self.totals = LoaderStats(**state.get("stats", {}))
+        self._interval_mark = LoaderStats(**asdict(self.totals))
 
     def close(self) -> None:
         """Stop worker processes (also happens at interpreter exit)."""
@@ -275,6 +286,38 @@ class NeoDataLoader:
             shutdown()
 
 
+class TrainLoader(NeoDataLoader):
+    """``NeoDataLoader`` built from flat keyword arguments, as the trainer passes its config
+    (``data.*``, ``tokenizer.path``, ``train.*``) and its data-parallel rank and size."""
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        seq_len: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        tokenizer_path: str | None = None,
+        num_workers: int = 1,
+        seed: int = 1234,
+        packing_buffer: int = LoaderConfig.packing_buffer_size,
+        shuffle_buffer: int = LoaderConfig.shuffle_buffer_size,
+        tokenizer=None,
+    ):
+        config = LoaderConfig(
+            path=str(path),
+            tokenizer=str(tokenizer_path) if tokenizer_path else None,
+            seq_len=seq_len,
+            micro_batch_size=micro_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            packing_buffer_size=packing_buffer,
+            shuffle_buffer_size=shuffle_buffer,
+        )
+        super().__init__(config, dp_rank=dp_rank, dp_size=dp_size, tokenizer=tokenizer)
+
+
 __all__ = [
     "STATE_VERSION",
     "BatchInfo",
@@ -282,4 +325,5 @@ __all__ = [
     "LoaderStateError",
     "LoaderStats",
     "NeoDataLoader",
+    "TrainLoader",
 ]

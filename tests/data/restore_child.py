@@ -23,7 +23,7 @@ def main(spec_path: str, out_path: str) -> None:
         for _ in range(run["batches"]):
             batch = next(loader)
             batches.append({"keys": loader.last.keys, **{k: v for k, v in vars(batch).items()}})
-        results[run["name"]] = {"batches": batches, "stats": vars(loader.stats)}
+        results[run["name"]] = {"batches": batches, "stats": vars(loader.totals)}
         loader.close()
     torch.save(results, out_path)
 

@@ -57,7 +57,7 @@ def test_corrupt_members_are_logged_counted_and_skipped(synthetic_copy, tokenize
     with caplog.at_level(logging.WARNING, logger="pretrain.data"):
         loader, keys = one_pass(synthetic_copy, tokenizer, workers)
     assert sorted(keys) == sorted(set(all_keys(synthetic_copy)) - broken)  # everything else trains
-    assert loader.stats.sample_errors == 2
+    assert loader.totals.sample_errors == 2
     if workers == 0:  # worker processes log to their own stderr
         messages = [r.getMessage() for r in caplog.records if "skipping sample" in r.getMessage()]
         for key in broken:

@@ -3,10 +3,12 @@ accept them and agree with the spec's formula on token ids."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from pretrain.data import LoaderConfig, NeoDataLoader
+from pretrain.data import LoaderConfig, NeoDataLoader, TrainLoader
 from pretrain.data.__main__ import main as data_cli
 from pretrain.data.task_encoder import MicroBatch
 from pretrain.model.loss import token_weights
@@ -83,3 +85,24 @@ def test_cli_show_and_bench(synthetic, capsys):
         == 0
     )
     assert "samples/s" in capsys.readouterr().out
+
+
+def test_train_loader_takes_the_trainer_arguments(synthetic):
+    """The keyword arguments pretrain/trainer.py passes (cfg.data.*, cfg.train.*, DP rank/size)."""
+    loader = TrainLoader(
+        path=str(synthetic),
+        tokenizer_path=str(synthetic / "tokenizer"),
+        seq_len=128,
+        micro_batch_size=2,
+        dp_rank=0,
+        dp_size=1,
+        num_workers=0,
+        seed=5,
+        packing_buffer=16,
+        shuffle_buffer=8,
+    )
+    batch = next(iter(loader))
+    assert batch.tokens.shape == (2, 128)
+    stats = loader.stats()
+    assert stats["rows"] == 2 and stats["skipped_samples"] == 0 and 0 < stats["pack_fill"] <= 1
+    assert json.loads(json.dumps(loader.state_dict()))["layout"]["seq_len"] == 128

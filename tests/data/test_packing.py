@@ -176,13 +176,14 @@ def test_epoch_across_two_dp_ranks_loses_and_duplicates_nothing(synthetic, token
                 # Documents are contiguous runs 0..m-1, then padding.
                 ids = batch.doc_ids[r][:real].tolist()
                 assert ids == sorted(ids) and set(ids) == set(range(len(keys)))
-        stats = loader.stats
+        stats = loader.totals
         assert stats.samples == len(rank_keys)
         assert stats.fill == pytest.approx(
             sum(sum(i.real_tokens) for _, i in batches) / (stats.rows * seq_len)
         )
         assert 0.5 < stats.fill <= 1.0
         skipped += stats.skipped_too_long
+        assert loader.stats()["skipped_samples"] == stats.skipped_too_long
         assert stats.sample_errors == 0
     assert not per_rank[0] & per_rank[1] and per_rank[0] and per_rank[1]
     assert max(seen.values()) == 1  # no duplicates

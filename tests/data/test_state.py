@@ -54,12 +54,12 @@ def test_restore_in_fresh_process_gives_the_uninterrupted_batches(synthetic, ble
         state = loader.state_dict()
         text = json.dumps(state)  # plain data: json can hold it as it is
         (tmp_path / f"{name}.json").write_text(text)
-        stats_at_save = dataclasses.asdict(loader.stats)
+        stats_at_save = dataclasses.asdict(loader.totals)
         batches = []
         for _ in range(AFTER):
             batch = next(loader)
             batches.append({"keys": loader.last.keys, **vars(batch)})
-        expected[name] = (batches, dataclasses.asdict(loader.stats), stats_at_save)
+        expected[name] = (batches, dataclasses.asdict(loader.totals), stats_at_save)
         loader.close()
         runs.append(
             {
