@@ -104,8 +104,9 @@ class ChatTemplate:
         self.img_end_id = ids[IMG_END]
         self.im_start_id = ids[IM_START]
         self.im_end_id = ids[IM_END]
-        eos = tokenizer.eos_token_id
-        self.eos_id = int(eos) if eos is not None else ids[EOS]
+        # Captions and text end with <|endoftext|> whatever the tokenizer calls its eos (an
+        # instruct tokenizer may say <|im_end|>); padding uses the tokenizer's pad token.
+        self.eos_id = ids[EOS]
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
         # Constant pieces of the template, tokenised once.

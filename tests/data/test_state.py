@@ -132,6 +132,13 @@ def test_restore_on_another_layout_is_refused(synthetic, tokenizer):
             ).load_state_dict(state)
     with pytest.raises(LoaderStateError, match="not a loader state"):
         NeoDataLoader(config(synthetic), dp_rank=0, dp_size=2, tokenizer=tokenizer).load_state_dict({"x": 1})
+    # A state taken before the first batch restores to the beginning.
+    untouched = NeoDataLoader(config(synthetic), dp_rank=0, dp_size=2, tokenizer=tokenizer)
+    early = untouched.state_dict()
+    first = next(untouched)
+    again = NeoDataLoader(config(synthetic), dp_rank=0, dp_size=2, tokenizer=tokenizer)
+    again.load_state_dict(json.loads(json.dumps(early)))
+    assert torch.equal(next(again).tokens, first.tokens)
     # Same layout works; but not once batches have been drawn.
     fresh = NeoDataLoader(config(synthetic), dp_rank=0, dp_size=2, tokenizer=tokenizer)
     fresh.load_state_dict(state)
