@@ -31,8 +31,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The whole pipeline end to end on the embedded synthetic data set (DEMO_DIR, default runs/demo).
 demo: setup
-	@echo "make demo arrives with the demo issue (three stages end to end on the synthetic data set)."
+	$(PY) -m pretrain.demo
 
 clean-venv:
 	rm -rf $(VENV)

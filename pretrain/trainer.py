@@ -137,6 +137,7 @@ class Trainer:
     def save(self, engine, loader, tokenizer_path: Path) -> Path:
         tmp = ckpt.prepare_save(self.ckpt_root, self.step)
         save_weights(self.model, tmp / "model")
+        ckpt.fault_point("save", self.step)
         engine.save_checkpoint(str(tmp / "optimizer"), tag="zero", save_latest=False, exclude_frozen_parameters=True)
         (tmp / "rng").mkdir(exist_ok=True)
         ckpt.save_rng(tmp / "rng" / f"rank_{self.rank:05d}.pt")

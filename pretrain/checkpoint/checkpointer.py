@@ -157,3 +157,14 @@ def load_rng(path: Path) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def fault_point(where: str, step: int) -> None:
+    """Crash-test hook: with NEO_FAULT="<where>:<step>:<rank>" in the environment, that rank dies
+    by SIGKILL right here (no cleanup, no Python exception), as a preempted or OOM-killed rank
+    would. Unset in normal runs: one environment lookup."""
+    spec = os.environ.get("NEO_FAULT")
+    if spec and spec == f"{where}:{step}:{dist.get_rank()}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

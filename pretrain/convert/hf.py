@@ -90,9 +90,11 @@ def single_process_model(neo: NeoModelConfig, init: bool = True, seed: int = 123
 
     own_group = not torch.distributed.is_initialized()
     if own_group:
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(spawn.free_port())),
-                           ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(key, value)
+        # A group of its own, whatever the environment says: a conversion started by a training
+        # rank inherits that rank's RANK/WORLD_SIZE/MASTER_PORT, which are not ours to join.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spawn.free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # else we would wait for torchrun's store
         runtime.init_distributed()
     try:
         with runtime.model_parallel(1, 1, seed=seed):
