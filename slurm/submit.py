@@ -1,0 +1,286 @@
+"""python -m slurm.submit: from Hydra overrides to running SLURM jobs.
+
+    python -m slurm.submit model=neo_9b parallel=tp4pp2 stage=stage1_prebuffer data.path=DATA \
+        run_dir=runs/neo9b-s1 cluster.nodes=4 cluster.gpus_per_node=8 cluster.time=24:00:00 \
+        cluster.partition=gpu cluster.account=proj [--dry-run]
+
+    python -m slurm.submit --pipeline model=neo_9b parallel=tp4pp2 run_dir=runs/neo9b \
+        stage1_prebuffer.data.path=CAPTIONS stage2_midtrain.data.path=MIX stage3_sft.data.path=SFT \
+        init.hf_llm=QWEN3_DIR cluster.nodes=4 cluster.gpus_per_node=8 ...
+
+The overrides are the training overrides of ``python -m pretrain.train`` (``cluster.*`` included).
+The config is composed and validated at world size ``cluster.nodes * cluster.gpus_per_node``
+before anything is submitted: a bad config costs a one-line ``config error: ...`` and no job.
+The sbatch script is written to ``RUN_DIR/job.sbatch`` (kept: ``sbatch RUN_DIR/job.sbatch`` submits
+the same job again), the SLURM log goes to ``RUN_DIR/slurm-<jobid>.out`` (appended across
+requeues) and the job id is printed on stdout and recorded in ``RUN_DIR/slurm_jobs.jsonl``
+(``python -m slurm.status RUN_DIR`` reads it).
+
+Options:
+  --dry-run        print the sbatch script(s) and the sbatch command(s); write and submit nothing
+  --pipeline       stage1_prebuffer -> stage2_midtrain -> stage3_sft as three jobs chained with
+                   --dependency=afterok (and --kill-on-invalid-dep=yes: a failed stage cancels the
+                   rest); stage k runs in RUN_DIR/<stage> and starts from the final checkpoint of
+                   stage k-1 (init.checkpoint). Overrides prefixed with a stage name
+                   (``stage3_sft.data.path=...``) apply to that stage only; init.* overrides apply
+                   to stage 1 only.
+  --cpu            a CPU cluster: cluster.gpus_per_node is the number of training processes per
+                   node, no GPUs are requested, training uses gloo
+  --sbatch-arg ARG an extra #SBATCH line for site specifics (repeatable), e.g.
+                   --sbatch-arg=--qos=high --sbatch-arg=--exclusive --sbatch-arg=--mem=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from slurm.jobs import SlurmError, append_record, now, run_command
+from slurm.render import JobSpec, render
+
+STAGES = ("stage1_prebuffer", "stage2_midtrain", "stage3_sft")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config_error():
+    from pretrain.config import ConfigError
+
+    return ConfigError
+
+
+@dataclass
+class PlannedJob:
+    spec: JobSpec
+    steps: int
+    checkpoint_root: Path
+    script: str
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def time_limit_seconds(text: str) -> int:
+    """SLURM's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S. ConfigError if none fits."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise _config_error()(
+            f"cluster.time={text!r} is not a SLURM time limit (HH:MM:SS, D-HH:MM:SS or minutes)")
+    days, a, b, c = match.groups()
+    a, b, c = int(a), int(b or 0), int(c or 0)
+    if days is not None:  # D-H[:M[:S]]
+        return int(days) * 86400 + a * 3600 + b * 60 + c
+    if match.group(4) is not None:  # H:M:S
+        return a * 3600 + b * 60 + c
+    if match.group(3) is not None:  # M:S
+        return a * 60 + b
+    return a * 60  # M
+
+
+def check_cluster(cluster) -> None:
+    ConfigError = _config_error()
+    if cluster.nodes < 1:
+        raise ConfigError(f"cluster.nodes={cluster.nodes} must be >= 1")
+    if cluster.gpus_per_node < 1:
+        raise ConfigError(f"cluster.gpus_per_node={cluster.gpus_per_node} must be >= 1 "
+                          "(on a CPU cluster with --cpu: training processes per node)")
+    if cluster.cpus_per_task < 0:
+        raise ConfigError(f"cluster.cpus_per_task={cluster.cpus_per_task} must be >= 0 (0: SLURM's default)")
+    if cluster.max_restarts < 0:
+        raise ConfigError(f"cluster.max_restarts={cluster.max_restarts} must be >= 0")
+    limit = time_limit_seconds(cluster.time)
+    if limit <= 0:
+        raise ConfigError(f"cluster.time={cluster.time!r} must be a positive time limit")
+    if not 0 < cluster.signal_lead_s < limit:
+        raise ConfigError(f"cluster.signal_lead_s={cluster.signal_lead_s} must be > 0 and shorter than "
+                          f"cluster.time={cluster.time} ({limit}s): "
+                          "the warning signal comes that long before the limit")
+    for key in ("partition", "account"):
+        value = getattr(cluster, key)
+        if value and not re.fullmatch(r"[\w.,-]+", value):
+            raise ConfigError(f"cluster.{key}={value!r} is not a SLURM {key} name")
+
+
+def plan_job(overrides: list[str], args: argparse.Namespace, run_dir: Path | None = None) -> PlannedJob:
+    """Compose + validate one job's config and build its script. ConfigError before anything else."""
+    from pretrain.checkpoint.checkpointer import step_dir_name
+    from pretrain.config import compose, validate
+
+    ConfigError = _config_error()
+    if run_dir is not None:
+        overrides = [o for o in overrides if override_key(o) != "run_dir"] + [f"run_dir={run_dir}"]
+    cfg = compose(overrides)
+    cluster = cfg.cluster
+    check_cluster(cluster)
+    world = cluster.nodes * cluster.gpus_per_node
+    validate(cfg, world)
+    abs_run_dir = Path(os.path.abspath(cfg.run_dir))
+    if re.search(r"\s", str(abs_run_dir)):
+        raise ConfigError(f"run_dir={abs_run_dir} contains whitespace, which #SBATCH lines cannot carry")
+    train_overrides = (*(o for o in overrides if override_key(o) != "run_dir"), f"run_dir={abs_run_dir}")
+    name = abs_run_dir.parent.name if abs_run_dir.name == cfg.stage.name else abs_run_dir.name
+    ckpt_root = abs_run_dir / "checkpoints"
+    if cfg.checkpoint.dir:
+        ckpt_root = Path(os.path.abspath(cfg.checkpoint.dir))
+    spec = JobSpec(
+        stage=cfg.stage.name, run_dir=abs_run_dir, train_overrides=train_overrides,
+        nodes=cluster.nodes, procs_per_node=cluster.gpus_per_node, gpu=not args.cpu,
+        time=cluster.time, partition=cluster.partition, account=cluster.account,
+        cpus_per_task=cluster.cpus_per_task, max_restarts=cluster.max_restarts,
+        signal_lead_s=cluster.signal_lead_s, python=sys.executable, repo=REPO, workdir=Path.cwd(),
+        extra_sbatch=tuple(args.sbatch_arg), job_name=f"neo-{name}-{cfg.stage.name}",
+        final_checkpoint=ckpt_root / step_dir_name(cfg.train.steps),
+    )
+    return PlannedJob(spec=spec, steps=cfg.train.steps, checkpoint_root=ckpt_root, script=render(spec))
+
+
+def split_stage_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    common, per_stage = [], {name: [] for name in STAGES}
+    for override in overrides:
+        key = override_key(override)
+        head, _, rest = key.partition(".")
+        if head in STAGES and rest:
+            prefix = override[: len(override) - len(override.lstrip("+~"))]
+            per_stage[head].append(prefix + override.lstrip("+~")[len(head) + 1:])
+        else:
+            common.append(override)
+    return common, per_stage
+
+
+def plan(args: argparse.Namespace) -> list[PlannedJob]:
+    ConfigError = _config_error()
+    common, per_stage = split_stage_overrides(args.overrides)
+    if not args.pipeline:
+        if any(per_stage.values()):
+            raise ConfigError("overrides prefixed with a stage name (e.g. stage2_midtrain.train.steps=...) "
+                              "are for --pipeline; without it write them unprefixed")
+        return [plan_job(common, args)]
+
+    if any(override_key(o) == "stage" for o in common):
+        raise ConfigError("--pipeline runs all three stages: drop stage=... "
+                          "(prefix an override with a stage name to set it for that stage only)")
+    from pretrain.config import Config
+
+    given = [o.split("=", 1)[1] for o in common if override_key(o) == "run_dir" and "=" in o]
+    root = Path(os.path.abspath(given[-1] if given else Config().run_dir))
+    init = [o for o in common if override_key(o).startswith("init.")]
+    rest = [o for o in common if not override_key(o).startswith("init.") and override_key(o) != "run_dir"]
+    jobs: list[PlannedJob] = []
+    for k, stage in enumerate(STAGES):
+        overrides = [f"stage={stage}"] + rest
+        if k == 0:
+            overrides += init
+        else:
+            overrides.append(f"init.checkpoint={jobs[-1].checkpoint_root}")
+        overrides += per_stage[stage]
+        job = plan_job(overrides, args, run_dir=root / stage)
+        if any(job.checkpoint_root == other.checkpoint_root for other in jobs):
+            raise ConfigError(f"{stage} would write its checkpoints into {job.checkpoint_root} like an "
+                              "earlier stage: leave checkpoint.dir unset with --pipeline "
+                              "(each stage uses <run_dir>/<stage>/checkpoints)")
+        jobs.append(job)
+    return jobs
+
+
+def sbatch(script: Path, dependency: str) -> str:
+    cmd = ["sbatch", "--parsable"]
+    if dependency:
+        cmd += [f"--dependency={dependency}", "--kill-on-invalid-dep=yes"]
+    done = run_command(cmd + [str(script)])
+    if done.returncode != 0:
+        raise SlurmError(f"sbatch {script} failed: {(done.stderr or done.stdout).strip()}")
+    job_id = done.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch {script} printed no job id: {done.stdout.strip()!r}")
+    return job_id
+
+
+def cancel(job_ids: list[str]) -> None:
+    if job_ids:
+        run_command(["scancel", *job_ids])
+
+
+def submit(jobs: list[PlannedJob], pipeline_root: Path | None) -> list[str]:
+    """sbatch every job (each after the previous one when chained), record them, return the ids."""
+    ids: list[str] = []
+    try:
+        for job in jobs:
+            spec = job.spec
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+            spec.script_path.write_text(job.script)
+            spec.script_path.chmod(0o755)
+            dependency = f"afterok:{ids[-1]}" if ids else ""
+            job_id = sbatch(spec.script_path, dependency)
+            ids.append(job_id)
+            record = {"job_id": job_id, "stage": spec.stage, "run_dir": str(spec.run_dir),
+                      "script": str(spec.script_path), "dependency": dependency, "submitted_at": now(),
+                      "nodes": spec.nodes, "procs_per_node": spec.procs_per_node, "gpu": spec.gpu,
+                      "steps": job.steps, "max_restarts": spec.max_restarts}
+            append_record(spec.run_dir, record)
+            if pipeline_root is not None:
+                append_record(pipeline_root, record)
+            print(f"submitted {spec.stage} as job {job_id}{' after ' + ids[-2] if dependency else ''}: "
+                  f"script {spec.script_path}, log {spec.run_dir}/slurm-{job_id}.out", file=sys.stderr)
+    except BaseException:
+        cancel(ids)  # no half-submitted pipeline is left behind
+        raise
+    return ids
+
+
+def dry_run(jobs: list[PlannedJob]) -> None:
+    for k, job in enumerate(jobs):
+        dependency = ""
+        if k:
+            previous = jobs[k - 1].spec.stage
+            dependency = f" --dependency=afterok:<job id of {previous}> --kill-on-invalid-dep=yes"
+        print(f"# would run: sbatch --parsable{dependency} {job.spec.script_path}")
+        print(job.script, end="" if job.script.endswith("\n") else "\n")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
+    parser.add_argument("--pipeline", action="store_true", help="chain stage 1 -> 2 -> 3 with afterok")
+    parser.add_argument("--cpu", action="store_true",
+                        help="CPU cluster: cluster.gpus_per_node = training processes per node, gloo")
+    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                        help="extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m pretrain.train")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = parse_args(argv)
+    ConfigError = _config_error()
+    try:
+        jobs = plan(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (HydraException, OmegaConfBaseException) as err:  # unknown group option, bad override syntax
+        message = " ".join(str(err).split()).split(" Config search path")[0]
+        print(f"config error: {type(err).__name__}: {message}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(jobs)
+        return 0
+    root = jobs[0].spec.run_dir.parent if args.pipeline else None
+    try:
+        ids = submit(jobs, root)
+    except SlurmError as err:
+        print(f"slurm error: {err}", file=sys.stderr)
+        return 1
+    print("\n".join(ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
