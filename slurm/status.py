@@ -60,7 +60,11 @@ def collect(run_dir: Path) -> list[dict]:
     rows = []
     for record in read_records(run_dir):
         info = job_state(record["job_id"])
+        if info.get("Command") not in (None, record.get("script")):  # the id now names another job
+            info = {"JobState": "UNKNOWN", "Reason": f"job id {record['job_id']} now belongs to another job "
+                    "(a restarted cluster?)", "Restarts": "?", "ExitCode": "?", "RunTime": "?"}
         stage_dir = Path(record["run_dir"])
+        never_started = info.get("StartTime") in ("Unknown", "None")  # its RunTime is meaningless then
         rows.append({
             "job_id": record["job_id"],
             "stage": record.get("stage", ""),
@@ -68,7 +72,7 @@ def collect(run_dir: Path) -> list[dict]:
             "reason": info.get("Reason", ""),
             "restarts": info.get("Restarts", "?"),
             "exit_code": info.get("ExitCode", "?"),
-            "elapsed": info.get("RunTime", "?"),
+            "elapsed": "-" if never_started else info.get("RunTime", "?"),
             "dependency": record.get("dependency", ""),
             "step": last_logged_step(stage_dir),
             "checkpoint_step": checkpoint_step(stage_dir),
@@ -91,7 +95,7 @@ def table(rows: list[dict]) -> str:
                       r["reason"] if r["reason"] not in ("", "None") else "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
-    out += [f"log of job {r['job_id']}: {r['log']}" for r in rows]
+    out += [f"log of job {r['job_id']}: {r['log']}" for r in rows if Path(r["log"]).is_file()]
     return "\n".join(out)
 
 

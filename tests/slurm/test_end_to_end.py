@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from slurm.jobs import job_state
 from tests.slurm.helpers import (
     CLI_TIMEOUT_S,
     JOB_TIMEOUT_S,
@@ -209,4 +208,8 @@ def test_failing_stage_cancels_the_rest_of_the_pipeline(launches):
         later = wait_done(job, timeout=120)  # cancelled, not pending forever
         assert later["JobState"] == "CANCELLED" and later["Reason"] == "DependencyNeverSatisfied", later
         assert not (root / stage / f"slurm-{job}.out").exists()  # never started
-    assert job_state(third)["JobState"] == "CANCELLED"
+    status = run_cli("slurm.status", [str(root), "--json"])
+    rows = [json.loads(line) for line in status.stdout.splitlines()]
+    assert [(r["job_id"], r["state"], r["restarts"]) for r in rows] == [
+        (first, "FAILED", "1"), (second, "CANCELLED", "0"), (third, "CANCELLED", "0")]
+    assert [r["elapsed"] for r in rows[1:]] == ["-", "-"]

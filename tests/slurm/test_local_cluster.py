@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -24,6 +25,22 @@ def test_cluster_has_an_idle_node_and_runs_a_batch_job(slurm_cluster, tmp_path):
     info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
     assert info["JobState"] == "COMPLETED", info
     assert out.read_text().strip() == f"hello from {job}"
+
+    # slurm.status shows a recorded job by its id, unless that id now names another job.
+    record = {"job_id": job, "stage": "stage1_prebuffer", "run_dir": str(tmp_path), "script": "(null)"}
+    (tmp_path / "slurm_jobs.jsonl").write_text(json.dumps(record) + "\n")
+    [row] = status_rows(tmp_path)
+    assert (row["job_id"], row["state"], row["restarts"]) == (job, "COMPLETED", "0")
+    record["script"] = str(tmp_path / "job.sbatch")  # submitted by slurm.submit, but not this job
+    (tmp_path / "slurm_jobs.jsonl").write_text(json.dumps(record) + "\n")
+    [row] = status_rows(tmp_path)
+    assert row["state"] == "UNKNOWN" and "belongs to another job" in row["reason"]
+
+
+def status_rows(run_dir) -> list[dict]:
+    done = run_cli("slurm.status", [str(run_dir), "--json"])
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def test_start_script_reuses_a_running_cluster(slurm_cluster):
