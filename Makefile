@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo clean-venv
+.PHONY: setup test test-fast demo clean-venv slurm-up slurm-down test-slurm
 
 setup: $(STAMP)
 
@@ -34,6 +34,16 @@ test-fast: setup
 # The whole pipeline end to end on the embedded synthetic data set (DEMO_DIR, default runs/demo).
 demo: setup
 	$(PY) -m pretrain.demo
+
+# A single-node SLURM cluster on this machine (run as root; installs Debian's slurm + munge when
+# missing). Then: export SLURM_CONF=$${TMPDIR:-/tmp}/neo-slurm/slurm.conf (start.sh prints the line).
+slurm-up:
+	slurm/local_cluster/start.sh
+slurm-down:
+	slurm/local_cluster/stop.sh
+# The SLURM tests alone (they start and stop the cluster themselves; a running one is reused).
+test-slurm: setup
+	$(PY) -m pytest tests/slurm $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
