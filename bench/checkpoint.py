@@ -1,0 +1,110 @@
+"""Checkpoint benchmark: model weights save/load GB/s with ``pretrain.checkpoint.weights``.
+
+A NEO of a few hundred MB (fp32) in one spawned rank: ``save_weights`` (megatron
+dist_checkpointing, reshardable) and ``load_weights`` (strict load into the model), against
+``torch.save(model.state_dict())`` / ``torch.load`` + ``load_state_dict`` of the same tensors
+to the same file system, interleaved. GB are the bytes of the model's tensors (1 GB = 1e9 B).
+Writes land in the page cache (neither path calls fsync), and reads come from it: these are
+upper bounds for a real file system, and the ratio is what to watch.
+
+    python -m bench.checkpoint [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from bench.results import Result
+
+
+def checkpoint_model(quick: bool):
+    from bench.model_step import preset
+
+    if quick:
+        return replace(preset("tiny"), hidden_size=256, post_llm_layers=2, pre_buffer_layers=0, vocab_size=8192)
+    # About 90M parameters, 360 MB in fp32.
+    return replace(preset("tiny"), hidden_size=1024, pre_buffer_layers=1, post_llm_layers=3, num_attention_heads=8,
+                   num_kv_heads=4, head_dim=128, ffn_hidden_size=3072, vocab_size=32768, vision_hidden_size=256)
+
+
+def _rank_body(quick: bool, repeats: int, work: str) -> list[dict]:
+    from bench.model_step import build_neo
+    from bench.timing import interleaved, median, spread
+    from pretrain.checkpoint.weights import load_weights, save_weights
+    from pretrain.distributed import runtime
+
+    work = Path(work)
+    neo = checkpoint_model(quick)
+    out = []
+    with runtime.model_parallel(1, 1, seed=1234):
+        model = build_neo(neo)
+        nbytes = sum(v.numel() * v.element_size() for v in model.state_dict().values() if torch.is_tensor(v))
+        counter = iter(range(10_000))
+        latest: dict[str, Path] = {}
+
+        def save_ours():
+            path = work / f"dist-{next(counter)}"
+            save_weights(model, path)
+            if "ours" in latest:
+                shutil.rmtree(latest["ours"], ignore_errors=True)
+            latest["ours"] = path
+
+        def save_torch():
+            path = work / f"torch-{next(counter)}.pt"
+            torch.save(model.state_dict(), path)
+            if "torch" in latest:
+                latest["torch"].unlink(missing_ok=True)
+            latest["torch"] = path
+
+        def load_ours():
+            load_weights(model, latest["ours"])
+
+        def load_torch():
+            model.load_state_dict(torch.load(latest["torch"], weights_only=True), strict=True)
+
+        save = interleaved({"ours": save_ours, "torch": save_torch}, repeats, warmup=1)
+        load = interleaved({"ours": load_ours, "torch": load_torch}, repeats, warmup=1)
+        gb = nbytes / 1e9
+        size = (f"{neo.num_parameters() / 1e6:.0f}M-parameter NEO, {nbytes / 1e6:.0f} MB fp32, one rank; page cache, "
+                f"no fsync")
+        for what, secs in (("save", save), ("load", load)):
+            out.append(asdict(Result(
+                name=f"checkpoint/{what} weights",
+                value=gb / median(secs["ours"]), unit="GB/s", baseline_value=gb / median(secs["torch"]),
+                notes=(f"save_weights/load_weights (megatron dist_checkpointing) vs torch.{what} of the same state "
+                       f"dict; {size}; medians of interleaved runs (ours {spread(secs['ours'])}; "
+                       f"torch {spread(secs['torch'])})"),
+            )))
+    return out
+
+
+def run(quick: bool = False, repeats: int | None = None) -> list[Result]:
+    from pretrain.distributed import spawn
+
+    repeats = repeats or (2 if quick else 3)
+    work = Path(tempfile.mkdtemp(prefix="neo-bench-ckpt-"))
+    try:
+        values = spawn.run(_rank_body, 1, args=(quick, repeats, str(work)), timeout=600)[0]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [Result(**v) for v in values]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    from bench.results import markdown_table
+
+    print(markdown_table(run(args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""Side-by-side timing on a shared, noisy machine: candidates run interleaved, medians reported.
+
+Other work (test suites, other engineers) comes and goes on these machines. Timing candidate A
+for a minute and then B for a minute would hand whichever ran during a quiet spell an unfair
+advantage; interleaving (A B B A A B ...) exposes both to the same load, so their *ratio*
+stays meaningful even when the absolute numbers wobble. Each candidate is a callable that does
+one unit of work (a training step, N batches, one save) and returns nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of every candidate: ``warmup`` untimed calls each, then ``repeats`` timed
+    rounds, ABBA-ordered (the order flips every round, so a slow drift hits both equally)."""
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            candidates[name]()
+            seconds[name].append(time.perf_counter() - t0)
+    return seconds
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> str:
+    """'median (min-max, n=k)' for the notes column."""
+    return f"n={len(values)}, min {min(values):.3g}s, max {max(values):.3g}s"
