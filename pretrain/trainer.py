@@ -171,24 +171,35 @@ class Trainer:
             return path
         return ckpt.find_resumable(self.ckpt_root, self.log)
 
-    def restore(self, path: Path, engine, loader) -> None:
+    def restore_weights(self, path: Path) -> dict:
+        """Weights of a resumed run (they reshard to this layout); returns the trainer state.
+        Runs BEFORE DeepSpeed is built: ZeRO copies the trainable weights into its fp32 master
+        partitions at initialisation, and any weight loaded later would be overwritten at the
+        first step."""
         state = json.loads((path / "trainer.json").read_text())
         saved = state["layout"]
         same_layout = saved == {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
-        load_weights(self.model, path / "model")
-        if self.cfg.checkpoint.load_optimizer:
-            if not same_layout:
-                raise ConfigError(
-                    f"{path} was saved at TP{saved['tp']}xPP{saved['pp']}xDP{saved['dp']}, this run is {self.layout}: "
-                    "the weights reshard, the ZeRO optimizer state does not; set checkpoint.load_optimizer=false "
-                    "to continue with a fresh optimizer")
-            engine.load_checkpoint(str(path / "optimizer"), tag="zero", load_module_strict=False,
-                                   load_optimizer_states=True, load_lr_scheduler_states=True)
-            ckpt.load_rng(path / "rng" / f"rank_{self.rank:05d}.pt")
-        data_state = path / "data" / f"dp_{ps.get_data_parallel_rank():05d}.json"
+        if self.cfg.checkpoint.load_optimizer and not same_layout:
+            raise ConfigError(
+                f"{path} was saved at TP{saved['tp']}xPP{saved['pp']}xDP{saved['dp']}, this run is {self.layout}: "
+                "the weights reshard, the ZeRO optimizer state does not; set checkpoint.load_optimizer=false "
+                "to continue with a fresh optimizer")
         if saved["dp"] != self.layout.dp:
             raise ConfigError(f"{path} holds data-loader state for DP={saved['dp']}, this run has DP={self.layout.dp}: "
                               "redistribute it with `energon checkpoint redist` or start the data from scratch")
+        load_weights(self.model, path / "model")
+        return state
+
+    def restore_state(self, path: Path, state: dict, engine, loader) -> None:
+        """Optimizer, LR schedule, RNG, data position and counters of a resumed run."""
+        if self.cfg.checkpoint.load_optimizer:
+            engine.load_checkpoint(str(path / "optimizer"), tag="zero", load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+            ckpt.load_rng(path / "rng" / f"rank_{self.rank:05d}.pt")
+        else:  # a fresh optimizer continues the LR schedule where the run was
+            for _ in range(state["step"]):
+                engine.lr_scheduler.step()
+        data_state = path / "data" / f"dp_{ps.get_data_parallel_rank():05d}.json"
         loader.load_state_dict(json.loads(data_state.read_text()))
         self.step, self.consumed_samples = state["step"], state["consumed_samples"]
         self.skipped_steps, self.run_id = state["skipped_steps"], state["wandb_run_id"]
@@ -227,25 +238,28 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
         tokenizer_path = self.tokenizer_path()
+        # Signals are caught from here on: one arriving during start-up stops the run at the
+        # first step boundary (with a checkpoint) instead of killing it.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         self.model = self.build_model()
-        engine, scheduler = build_engine(self.model, cfg.optim, cfg.train.steps, cfg.train.micro_batch_size,
-                                         layout.num_microbatches, bf16=self.dtype() == torch.bfloat16)
-        loader = self.build_loader(tokenizer_path)
-
+        # Weights first, optimizer second (see restore_weights).
         resume = self.resume_point()
         if resume is not None:
-            self.restore(resume, engine, loader)
+            resumed = self.restore_weights(resume)
         else:
             weights = self.initial_weights()
             if weights is not None:
                 load_weights(self.model, weights)
                 self.log(f"initial weights from {weights.parent}")
+        engine, scheduler = build_engine(self.model, cfg.optim, cfg.train.steps, cfg.train.micro_batch_size,
+                                         layout.num_microbatches, bf16=self.dtype() == torch.bfloat16)
+        loader = self.build_loader(tokenizer_path)
+        if resume is not None:
+            self.restore_state(resume, resumed, engine, loader)
         if not self.run_id:
             self.run_id = self._shared_run_id()
         metrics = Metrics(cfg, self.run_dir, self.rank == 0, self.run_id, dist.get_world_size())
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
         self.log(f"training {cfg.stage.name} at {layout} from step {self.step} to {cfg.train.steps}: "
                  f"{layout.num_microbatches} micro-batches of {cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens per DP rank")
         batches = iter(loader)
@@ -296,7 +310,7 @@ class Trainer:
                 stop = self._stop_requested()
                 if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
                     self.save(engine, loader, tokenizer_path)
-                if stop:
+                if stop and self.step < cfg.train.steps:
                     self.log(f"signal {self.stop_signal or 'on a peer rank'}: checkpoint written at step {self.step}; "
                              f"exiting with {REQUEUE_EXIT_CODE} so the job can be requeued")
                     exit_code = REQUEUE_EXIT_CODE
