@@ -108,18 +108,6 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A step directory, or a checkpoint root (its newest complete checkpoint)."""
-    from pretrain.checkpoint import checkpointer as ckpt
-
-    if (path / "model").is_dir():
-        return path
-    found = ckpt.find_resumable(path)
-    if found is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a directory of complete checkpoints")
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
+    from pretrain.checkpoint import checkpointer
     from pretrain.checkpoint.weights import load_weights
     from pretrain.convert.hf import read_model_config, single_process_model
     from pretrain.data.template import ChatTemplate, load_tokenizer
 
     started = time.perf_counter()
-    ckpt = resolve_checkpoint(args.checkpoint)
+    ckpt = checkpointer.resolve(args.checkpoint)
     template = ChatTemplate(load_tokenizer(args.tokenizer or ckpt / "tokenizer"))
     questions = read_questions(args.data, args.max_samples)
     if not questions:

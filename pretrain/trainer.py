@@ -89,12 +89,10 @@ class Trainer:
         """Where a fresh run takes its weights: the previous stage, or a converted Qwen3."""
         cfg = self.cfg
         if cfg.init.checkpoint:
-            path = Path(cfg.init.checkpoint)
-            if path.name == "latest" or (path / "latest").is_file():  # a checkpoint root: its newest
-                found = ckpt.find_resumable(path.parent if path.name == "latest" else path, self.log)
-                if found is None:
-                    raise ConfigError(f"init.checkpoint={path} holds no complete checkpoint")
-                path = found
+            try:
+                path = ckpt.resolve(cfg.init.checkpoint, self.log)
+            except FileNotFoundError as err:
+                raise ConfigError(f"init.checkpoint: {err}") from None
             self._check_shape(path)
             return path / "model"
         if cfg.init.hf_llm:

@@ -168,3 +168,15 @@ def fault_point(where: str, step: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resolve(path: str | Path, log=print) -> Path:
+    """A checkpoint given as its step directory, or as a directory of checkpoints (its newest
+    complete one). Tools accept either, so users can point at ``run_dir/checkpoints``."""
+    path = Path(path)
+    if (path / "model").is_dir() and (path / "config.yaml").is_file():
+        return path
+    found = find_resumable(path, log)
+    if found is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint nor a directory holding a complete one")
+    return found

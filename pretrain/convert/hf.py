@@ -184,10 +184,13 @@ def from_hf(src: str | Path, out: str | Path, pre_buffer_layers: int = 0, seed: 
 
 
 def to_hf(ckpt: str | Path, out: str | Path, qwen3: bool = False, dtype: str = "float32") -> None:
-    """Our checkpoint (any layout it was saved at) -> reference NEO HF dir, or plain Qwen3."""
+    """Our checkpoint (any layout it was saved at; a step directory or a checkpoint directory,
+    whose newest complete one is taken) -> reference NEO HF dir, or plain Qwen3."""
     from pretrain.checkpoint.weights import load_weights
 
-    ckpt, out = Path(ckpt), Path(out)
+    from pretrain.checkpoint.checkpointer import resolve
+
+    ckpt, out = resolve(ckpt), Path(out)
     neo = read_model_config(ckpt)
     torch_dtype = getattr(torch, dtype)
     with single_process_model(neo, init=False) as model:
