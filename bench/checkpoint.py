@@ -4,8 +4,9 @@ A NEO of a few hundred MB (fp32) in one spawned rank: ``save_weights`` (megatron
 dist_checkpointing, reshardable) and ``load_weights`` (strict load into the model), against
 ``torch.save(model.state_dict())`` / ``torch.load`` + ``load_state_dict`` of the same tensors
 to the same file system, interleaved. GB are the bytes of the model's tensors (1 GB = 1e9 B).
-Writes land in the page cache (neither path calls fsync), and reads come from it: these are
-upper bounds for a real file system, and the ratio is what to watch.
+Both saves are durable: dist_checkpointing's writer fsyncs every file it writes, and the baseline
+fsyncs its one file. Loads read what was just written, from the page cache: an upper bound for a
+cold read from a real file system; the ratio is what to watch.
 
     python -m bench.checkpoint [--quick]
 """
@@ -13,6 +14,7 @@ upper bounds for a real file system, and the ratio is what to watch.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, replace
@@ -35,7 +37,7 @@ def checkpoint_model(quick: bool):
 
 def _rank_body(quick: bool, repeats: int, work: str) -> list[dict]:
     from bench.model_step import build_neo
-    from bench.timing import interleaved, median, spread
+    from bench.timing import interleaved, median, paired_ratio, spread
     from pretrain.checkpoint.weights import load_weights, save_weights
     from pretrain.distributed import runtime
 
@@ -57,7 +59,10 @@ def _rank_body(quick: bool, repeats: int, work: str) -> list[dict]:
 
         def save_torch():
             path = work / f"torch-{next(counter)}.pt"
-            torch.save(model.state_dict(), path)
+            with open(path, "wb") as f:  # durable like dist_checkpointing's writer, which fsyncs each file
+                torch.save(model.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
             if "torch" in latest:
                 latest["torch"].unlink(missing_ok=True)
             latest["torch"] = path
@@ -71,15 +76,16 @@ def _rank_body(quick: bool, repeats: int, work: str) -> list[dict]:
         save = interleaved({"ours": save_ours, "torch": save_torch}, repeats, warmup=1)
         load = interleaved({"ours": load_ours, "torch": load_torch}, repeats, warmup=1)
         gb = nbytes / 1e9
-        size = (f"{neo.num_parameters() / 1e6:.0f}M-parameter NEO, {nbytes / 1e6:.0f} MB fp32, one rank; page cache, "
-                f"no fsync")
+        size = (f"{neo.num_parameters() / 1e6:.0f}M-parameter NEO, {nbytes / 1e6:.0f} MB fp32, one rank; saves "
+                f"fsync'ed, loads from the page cache")
         for what, secs in (("save", save), ("load", load)):
             out.append(asdict(Result(
                 name=f"checkpoint/{what} weights",
                 value=gb / median(secs["ours"]), unit="GB/s", baseline_value=gb / median(secs["torch"]),
-                notes=(f"save_weights/load_weights (megatron dist_checkpointing) vs torch.{what} of the same state "
+                notes=(f"{what}_weights (megatron dist_checkpointing) vs torch.{what} of the same state "
                        f"dict; {size}; medians of interleaved runs (ours {spread(secs['ours'])}; "
-                       f"torch {spread(secs['torch'])})"),
+                       f"torch {spread(secs['torch'])}; median of per-round ratios "
+                       f"{paired_ratio(secs['ours'], secs['torch']):.2f})"),
             )))
     return out
 
@@ -87,7 +93,7 @@ def _rank_body(quick: bool, repeats: int, work: str) -> list[dict]:
 def run(quick: bool = False, repeats: int | None = None) -> list[Result]:
     from pretrain.distributed import spawn
 
-    repeats = repeats or (2 if quick else 3)
+    repeats = repeats or (2 if quick else 5)
     work = Path(tempfile.mkdtemp(prefix="neo-bench-ckpt-"))
     try:
         values = spawn.run(_rank_body, 1, args=(quick, repeats, str(work)), timeout=600)[0]

@@ -281,15 +281,16 @@ def run(quick: bool = False, keep: Path | None = None) -> list[Result]:
         interleaved({
             "ours": lambda: _time_ours(shards, tokenizer, 2, min_samples, ours),
             "baseline": lambda: _time_baseline(annotations, tokenizer, 4, 2, min_samples, base),
-        }, repeats=rounds, warmup=0)
+        }, repeats=1 if quick else 5, warmup=0)
         rate, base_rate = statistics.median(ours.rates), statistics.median(base.rates)
+        per_round = statistics.median(a / b for a, b in zip(ours.rates, base.rates, strict=True))
         results.append(Result(
             name="data/loader decode+tokenize+pack, 1 worker", value=rate, unit="samples/s per worker",
             baseline_value=base_rate,
             notes=(f"NeoDataLoader (Energon, seq_len {SEQ_LEN}, packing) vs loose JPEG files + JSON list with a "
                    f"plain torch Dataset/DataLoader (same bytes, same decode + template + tokenize, padded batches "
                    f"of 4); 1 worker process each; medians of {len(ours.rates)} interleaved windows of "
-                   f">= {min_samples} samples after warm-up"),
+                   f">= {min_samples} samples after warm-up (median of per-round ratios {per_round:.2f})"),
         ))
         results.append(Result(
             name="data/pack fill", value=statistics.median(ours.fills), unit="real tokens / row tokens",

@@ -7,6 +7,8 @@ weights, fp32, and the medians are printed side by side:
     attention   NativeSelfAttention (Q/K 2*head_dim wide, H/W projection, Native-RoPE, boolean mask)
                 vs Qwen3Attention (sdpa, causal)
     core attn   the attention kernel alone: our ``core_attention`` vs SDPA(is_causal) on head_dim
+    core padV   our ``core_attention`` vs the same maths with V zero-padded to 2*head_dim (the
+                "qwen3" column of this row is that proposed fix, not Qwen3)
     mlp         megatron MLP (fused gate|up) vs Qwen3MLP
     layer       a whole decoder layer (megatron TransformerLayer) vs Qwen3DecoderLayer
     head+loss   final norm, LM head, cross-entropy
@@ -79,6 +81,12 @@ def _body(rows: int, seq: int, repeats: int, threads: int) -> str:
             "core attn": (fb(lambda: core_attention(q2, k2, v1, mask, scale), q2, k2, v1),
                           fb(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
                                                                     enable_gqa=True), qh, kh, vh)),
+            # The fix proposed for core_attention: V zero-padded to Q/K's width, so that SDPA may use
+            # its fused kernel (flash on CPU; it needs one head dim), output sliced back to d.
+            "core padV": (fb(lambda: core_attention(q2, k2, v1, mask, scale), q2, k2, v1),
+                          fb(lambda: F.scaled_dot_product_attention(
+                              q2.permute(1, 2, 0, 3), k2.permute(1, 2, 0, 3), F.pad(v1, (0, d)).permute(1, 2, 0, 3),
+                              attn_mask=~mask, scale=scale, enable_gqa=True)[..., :d], q2, k2, v1)),
             "mlp": (fb(lambda: ours_layer.mlp(x_sbh), x_sbh), fb(lambda: their_layer.mlp(x_bsh), x_bsh)),
             "layer": (fb(lambda: ours_layer(x_sbh, attention_mask=mask, rotary_pos_cos=cos, rotary_pos_sin=sin),
                          x_sbh),

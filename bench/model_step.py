@@ -162,9 +162,10 @@ def twin_step(twin, batch):
 # --------------------------------------------------------------------------------- rank body
 
 
-def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: int, warmup: int) -> list[dict]:
+def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: int, warmup: int,
+               budget_s: float | None) -> list[dict]:
     from bench.batches import counts, multimodal_batch, text_batch
-    from bench.timing import interleaved, median, spread
+    from bench.timing import interleaved, median, paired_ratio, spread
     from pretrain.distributed import runtime
     from pretrain.metrics import forward_flops
 
@@ -179,7 +180,7 @@ def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: 
             diff = max_logit_diff(model, twin, batch)
             steps = {"ours": ours_step(model, batch), "hf": twin_step(twin, batch)}
             work = {k: executed_flops(step) for k, step in steps.items()}
-            secs = interleaved(steps, repeats, warmup)
+            secs = interleaved(steps, repeats, warmup, budget_s=budget_s)
             tokens = batch.tokens.numel()
             ours_s, hf_s = median(secs["ours"]), median(secs["hf"])
             flops = 3 * forward_flops(neo, tokens, case.seq_len, 0)
@@ -189,8 +190,9 @@ def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: 
                 value=tokens / ours_s, unit="tokens/s", baseline_value=tokens / hf_s,
                 notes=(f"vs transformers Qwen3ForCausalLM (sdpa), identical weights (max logit diff {diff:.1e}), "
                        f"fp32, {threads} threads, median of {len(secs['ours'])} interleaved steps "
-                       f"(ours {spread(secs['ours'])}; hf {spread(secs['hf'])}; ratio of the minima "
-                       f"{min(secs['hf']) / min(secs['ours']):.2f}); "
+                       f"(ours {spread(secs['ours'])}; hf {spread(secs['hf'])}); other estimates of the ratio: median of "
+                       f"per-round ratios {paired_ratio(secs['ours'], secs['hf']):.2f}, ratio of the minima "
+                       f"{min(secs['hf']) / min(secs['ours']):.2f}; "
                        f"ours {flops / ours_s / 1e9:.1f} GFLOP/s by forward_flops (incl. NEO's H/W work)"),
             )))
             out.append(asdict(Result(
@@ -206,7 +208,7 @@ def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: 
             model = build_neo(neo)
             batch = multimodal_batch(case.rows, case.seq_len, neo.vocab_size, 3 * neo.patch_size ** 2, seed=2)
             real, image = counts(batch)
-            secs = interleaved({"ours": ours_step(model, batch)}, repeats, warmup)["ours"]
+            secs = interleaved({"ours": ours_step(model, batch)}, repeats, warmup, budget_s=budget_s and budget_s / 2)["ours"]
             t = median(secs)
             flops = 3 * forward_flops(neo, real, case.seq_len, image)
             out.append(asdict(Result(
@@ -227,10 +229,11 @@ def run(quick: bool = False, threads: int | None = None, repeats: int | None = N
     from pretrain.distributed import spawn
 
     threads = threads or min(2, os.cpu_count() or 1)
-    repeats = repeats or (2 if quick else 10)
+    repeats = repeats or (2 if quick else 8)
     warmup = 1 if quick else 2
-    values = spawn.run(_rank_body, 1, args=(text_cases(quick), multimodal_cases(quick), threads, repeats, warmup),
-                       timeout=600)[0]
+    budget_s = None if quick else 20.0  # timed seconds per comparison: more rounds for short steps
+    values = spawn.run(_rank_body, 1, args=(text_cases(quick), multimodal_cases(quick), threads, repeats, warmup,
+                                            budget_s), timeout=900)[0]
     return [Result(**v) for v in values]
 
 

@@ -1,9 +1,10 @@
 """Benchmark results: one ``Result`` per measurement, written as JSON and as a Markdown table.
 
 ``runs/bench/results.json`` is a list of objects with exactly the fields of ``Result``
-(name, value, unit, baseline_value, ratio, notes); ``results.md`` is the same as a table. A
-ratio is always ours / baseline for "more is better" units (samples/s, tokens/s, GB/s), so a
-ratio >= 1.0 means we are at least as fast; it is None when there is no baseline.
+(name, value, unit, baseline_value, ratio, notes); ``results.md`` is the same as a table. The
+ratio is always value / baseline_value (ours / baseline), None without a baseline. Most units are
+"more is better" (samples/s, tokens/s, GB/s, MFU): ratio >= 1.0 means we are at least as fast.
+Units that say "lower is better" (memory) read the other way round.
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def _header(quick: bool, elapsed: float, done: list[str]) -> str:
         f"{datetime.datetime.now().isoformat(timespec='seconds')}; {platform.machine()} machine with "
         f"{os.cpu_count()} CPUs, GPU: {gpu}; torch {torch.__version__}; sections {', '.join(done)} in "
         f"{elapsed:.0f} s; load average {_load()} (1/5/15 min) at the end.\n"
-        "ratio = ours / baseline (above 1.0: ours is faster, or for GB: uses more). Medians of interleaved runs; "
+        "ratio = ours / baseline (above 1.0: ours is faster; for units marked 'lower is better': ours uses more). "
+        "Medians of interleaved runs; "
         "a shared machine makes absolute numbers wobble, ratios less so."
     )
 

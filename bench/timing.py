@@ -14,13 +14,23 @@ import time
 from collections.abc import Callable
 
 
-def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of every candidate: ``warmup`` untimed calls each, then ``repeats`` timed
-    rounds, ABBA-ordered (the order flips every round, so a slow drift hits both equally)."""
+def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                budget_s: float | None = None, max_repeats: int = 60) -> dict[str, list[float]]:
+    """Seconds per call of every candidate: ``warmup`` untimed calls each, then timed rounds,
+    ABBA-ordered (the order flips every round, so a slow drift hits both equally).
+
+    ``repeats`` rounds at least; with ``budget_s``, as many more (up to ``max_repeats``) as fit in
+    about that many seconds judging by the last warm-up round: short steps get more samples, which
+    is what makes medians hold up on a busy machine."""
     names = list(candidates)
+    last: dict[str, float] = {}
     for _ in range(warmup):
         for name in names:
+            t0 = time.perf_counter()
             candidates[name]()
+            last[name] = time.perf_counter() - t0
+    if budget_s is not None and last:
+        repeats = max(repeats, min(max_repeats, int(budget_s / max(sum(last.values()), 1e-6))))
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(repeats):
         for name in names if round_ % 2 == 0 else reversed(names):
@@ -28,6 +38,12 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmu
             candidates[name]()
             seconds[name].append(time.perf_counter() - t0)
     return seconds
+
+
+def paired_ratio(ours: list[float], baseline: list[float]) -> float:
+    """Median over rounds of baseline_time / ours_time (each round's two runs were neighbours in
+    time, so a burst of outside load that hits one round mostly cancels in its own ratio)."""
+    return statistics.median(b / a for a, b in zip(ours, baseline, strict=True))
 
 
 def median(values: list[float]) -> float:
