@@ -210,7 +210,9 @@ def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: 
             model = build_neo(neo)
             batch = multimodal_batch(case.rows, case.seq_len, neo.vocab_size, 3 * neo.patch_size ** 2, seed=2)
             real, image = counts(batch)
-            secs = interleaved({"ours": ours_step(model, batch)}, repeats, warmup, budget_s=budget_s and budget_s / 2)["ours"]
+            cpu = {}
+            secs = interleaved({"ours": ours_step(model, batch)}, repeats, warmup, budget_s=budget_s and budget_s / 2,
+                               cpu_seconds=cpu)["ours"]
             t = median(secs)
             flops = 3 * forward_flops(neo, real, case.seq_len, image)
             out.append(asdict(Result(
@@ -220,7 +222,8 @@ def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: 
                        f"{batch.image_grids.shape[0]} images ({image} image tokens) in "
                        f"{int(batch.doc_ids.max()) + 1}+ docs/row, fill {real / batch.tokens.numel():.2f}; "
                        f"real tokens counted; {flops / t / 1e9:.1f} GFLOP/s (forward_flops); "
-                       f"fp32, {threads} threads, median ({spread(secs)}); no baseline: transformers has no NEO "
+                       f"fp32, {threads} threads, median ({spread(secs)}; {real / median(cpu['ours']):.0f} tokens per "
+                       f"CPU-second, which outside load does not inflate); no baseline: transformers has no NEO "
                        f"model"),
             )))
             del model
