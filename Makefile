@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo clean-venv slurm-up slurm-down test-slurm
+.PHONY: setup test test-fast demo bench clean-venv slurm-up slurm-down test-slurm
 
 setup: $(STAMP)
 
@@ -34,6 +34,13 @@ test-fast: setup
 # The whole pipeline end to end on the embedded synthetic data set (DEMO_DIR, default runs/demo).
 demo: setup
 	$(PY) -m pretrain.demo
+
+# Throughput side by side with baselines: data path, model step vs transformers Qwen3, GPU (skipped
+# without CUDA), checkpoint. Writes runs/bench/results.json + results.md and prints the table.
+# BENCH_ARGS="--quick" for a smoke run, BENCH_ARGS="--only model" for one section.
+BENCH_ARGS ?=
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
 
 # A single-node SLURM cluster on this machine (run as root; installs Debian's slurm + munge when
 # missing). Then: export SLURM_CONF=$${TMPDIR:-/tmp}/neo-slurm/slurm.conf (start.sh prints the line).
