@@ -41,8 +41,8 @@ HELDOUT, HELDOUT_QUICK = 400, 40
 
 
 class Demo:
-    def __init__(self, root: Path, quick: bool):
-        self.root, self.quick = root, quick
+    def __init__(self, root: Path, quick: bool, scale: float = 1.0):
+        self.root, self.quick, self.scale = root, quick, scale
         self.times: dict[str, float] = {}
         self.python = sys.executable
 
@@ -119,7 +119,7 @@ class Demo:
     def main(self) -> dict:
         started = time.perf_counter()
         data = self.data()
-        steps = {name: (quick if self.quick else full) for name, _, _, full, quick in STAGES}
+        steps = {name: (quick if self.quick else max(1, round(full * self.scale))) for name, _, _, full, quick in STAGES}
         layouts = {name: layout for name, layout, _, _, _ in STAGES}
         datasets = {name: data[d] for name, _, d, _, _ in STAGES}
 
@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", default=os.environ.get("DEMO_QUICK") == "1")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("DEMO_DIR", "runs/demo")))
+    parser.add_argument("--scale", type=float, default=float(os.environ.get("DEMO_SCALE", "1")),
+                        help="multiply every stage's steps (more time, better accuracy)")
     args = parser.parse_args(argv)
     if args.dir.exists() and any(args.dir.iterdir()):
         if not (args.dir / "data").is_dir():
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         shutil.rmtree(args.dir)  # a previous demo: start clean
     args.dir.mkdir(parents=True, exist_ok=True)
-    summary = Demo(args.dir.resolve(), args.quick).main()
+    summary = Demo(args.dir.resolve(), args.quick, args.scale).main()
     print_summary(summary)
     return 0
 

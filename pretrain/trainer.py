@@ -133,6 +133,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- checkpoints
 
     def save(self, engine, loader, tokenizer_path: Path) -> Path:
+        started = time.perf_counter()
         tmp = ckpt.prepare_save(self.ckpt_root, self.step)
         save_weights(self.model, tmp / "model")
         ckpt.fault_point("save", self.step)
@@ -149,7 +150,9 @@ class Trainer:
             shutil.copytree(tokenizer_path, tmp / "tokenizer")
         protected = {ckpt.step_dir_name(self.cfg.train.steps)}
         final = ckpt.commit_save(self.ckpt_root, tmp, self.step, self.cfg.checkpoint.keep, protected)
-        self.log(f"saved checkpoint {final}")
+        if self.rank == 0:
+            size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+            self.log(f"saved checkpoint {final} ({size / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s)")
         return final
 
     def trainer_state(self) -> dict:
@@ -174,6 +177,7 @@ class Trainer:
         Runs BEFORE DeepSpeed is built: ZeRO copies the trainable weights into its fp32 master
         partitions at initialisation, and any weight loaded later would be overwritten at the
         first step."""
+        self._restore_started = time.perf_counter()
         state = json.loads((path / "trainer.json").read_text())
         saved = state["layout"]
         same_layout = saved == {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
@@ -201,7 +205,7 @@ class Trainer:
         loader.load_state_dict(json.loads(data_state.read_text()))
         self.step, self.consumed_samples = state["step"], state["consumed_samples"]
         self.skipped_steps, self.run_id = state["skipped_steps"], state["wandb_run_id"]
-        self.log(f"resumed from {path} at step {self.step}")
+        self.log(f"resumed from {path} at step {self.step} (resume took {time.perf_counter() - self._restore_started:.1f}s)")
 
     # ------------------------------------------------------------------------------------ loop
 
