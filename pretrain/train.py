@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     from pretrain.distributed import runtime
-    from pretrain.trainer import train
+    from pretrain.trainer import NonFiniteError, train
 
     runtime.init_distributed()
     try:
@@ -45,6 +45,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         runtime.shutdown()
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pretrain.checkpoint.checkpointer import list_checkpoints
 from tests.wandb_offline import history
 
 pytestmark = pytest.mark.slow
@@ -243,3 +244,17 @@ def test_kill9_during_save_loses_nothing(data, hf_qwen3, run_f, tmp_path):
     out = _train(4, overrides)
     assert "resumed from" in out and "step_00000002" in out
     assert _losses(run) == _losses(run_f)  # bit-exact, fp32 on CPU, DP=2
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(data, hf_qwen3, tmp_path):
+    """An absurd learning rate makes the weights blow up after the first update: the following
+    non-finite steps are skipped and counted, and after train.max_skipped_steps in a row the run
+    stops with a clear error and without a checkpoint of those steps."""
+    run = tmp_path / "nan"
+    log = _train(1, _overrides(data, hf_qwen3, run, "optim.lr=1e30", "optim.warmup=0", "train.steps=6",
+                               "train.max_skipped_steps=2", "checkpoint.every=1"), expect=1)
+    assert "non-finite loss or gradients, update skipped" in log
+    assert "2 non-finite steps in a row (train.max_skipped_steps)" in log
+    saved = [step for step, _ in list_checkpoints(run / "checkpoints")]
+    first_skip = min(r["step"] for r in _metrics(run) if r["skipped_steps"] > 0)
+    assert saved and max(saved) <= first_skip, (saved, first_skip)  # the skipped step changed nothing
