@@ -13,7 +13,6 @@ cold read from a real file system; the ratio is what to watch.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -103,13 +102,9 @@ def run(quick: bool = False, repeats: int | None = None) -> list[Result]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    from bench.results import markdown_table
+    from bench.results import section_main
 
-    print(markdown_table(run(args.quick)))
-    return 0
+    return section_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ not the metadata round trip of a cluster file system: the comparison favours the
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -316,13 +315,9 @@ def _cpus() -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    from bench.results import markdown_table
+    from bench.results import section_main
 
-    print(markdown_table(run(args.quick)))
-    return 0
+    return section_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,13 @@ def write(results: list[Result], out_dir: Path, header: str = "") -> tuple[Path,
     json_path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     md_path.write_text((header.rstrip() + "\n\n" if header else "") + markdown_table(results))
     return json_path, md_path
+
+
+def section_main(run, description: str) -> int:
+    """Command line of one benchmark section run alone: ``python -m bench.<section> [--quick]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    print(markdown_table(run(ap.parse_args().quick)))
+    return 0

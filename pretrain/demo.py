@@ -90,21 +90,10 @@ class Demo:
 
     def random_qwen3(self, tokenizer: Path) -> Path:
         """A randomly initialised Qwen3 of the tiny preset's post-LLM shape (transformers)."""
-        import torch
-        from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
         from pretrain.config import compose
+        from pretrain.convert.hf import write_random_qwen3
 
-        m = compose(["model=tiny"]).model
-        out = self.root / "qwen3-random"
-        torch.manual_seed(0)
-        Qwen3ForCausalLM(Qwen3Config(
-            vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-            num_hidden_layers=m.post_llm_layers, num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
-            tie_word_embeddings=m.tie_word_embeddings, rms_norm_eps=m.norm_eps)).save_pretrained(out)
-        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
-        return out
+        return write_random_qwen3(compose(["model=tiny"]).model, self.root / "qwen3-random", tokenizer)
 
     def train(self, stage: str, layout: list[str], data: Path, steps: int, init: str) -> Path:
         run_dir = self.root / stage

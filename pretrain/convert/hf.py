@@ -128,6 +128,24 @@ def save_model_checkpoint(model, neo: NeoModelConfig, out: str | Path, tokenizer
 # ------------------------------------------------------------------------------------ from HF
 
 
+def write_random_qwen3(neo: NeoModelConfig, out: str | Path, tokenizer_dir: str | Path | None = None,
+                       seed: int = 0) -> Path:
+    """A randomly initialised HF Qwen3 (transformers) of ``neo``'s post-LLM shape: what a Qwen3
+    download looks like, for the demo's stage 0 and for tests of ``init.hf_llm``."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=neo.vocab_size, hidden_size=neo.hidden_size, intermediate_size=neo.ffn_hidden_size,
+        num_hidden_layers=neo.post_llm_layers, num_attention_heads=neo.num_attention_heads,
+        num_key_value_heads=neo.num_kv_heads, head_dim=neo.head_dim, rope_theta=neo.rope_theta,
+        tie_word_embeddings=neo.tie_word_embeddings, rms_norm_eps=neo.norm_eps)).save_pretrained(out)
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return Path(out)
+
+
+
 def _grow_vocab(tokenizer, neo: NeoModelConfig, sd: dict[str, torch.Tensor]) -> None:
     """Add NEO's special tokens; grow the embedding (and untied LM head) rows if they no longer
     fit, new rows at the mean embedding (a neutral start), padded to VOCAB_MULTIPLE."""

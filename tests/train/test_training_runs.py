@@ -83,21 +83,9 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hf_qwen3(data, tmp_path_factory) -> Path:
     """A random HF Qwen3 with the tiny preset's post-LLM shape and the data set's tokenizer."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from pretrain.convert.hf import write_random_qwen3
 
-    from pretrain.config import compose
-
-    m = compose(["model=tiny"]).model
-    torch.manual_seed(0)
-    qwen = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-        num_hidden_layers=m.post_llm_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_word_embeddings, rms_norm_eps=m.norm_eps))
-    out = tmp_path_factory.mktemp("qwen3") / "tiny-qwen3"
-    qwen.save_pretrained(out)
-    AutoTokenizer.from_pretrained(data / "tokenizer").save_pretrained(out)
-    return out
+    return write_random_qwen3(compose_tiny(), tmp_path_factory.mktemp("qwen3") / "tiny-qwen3", data / "tokenizer")
 
 
 @pytest.fixture(scope="module")
