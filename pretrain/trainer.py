@@ -97,6 +97,7 @@ class Trainer:
             return path / "model"
         if cfg.init.hf_llm:
             out = self.run_dir / "init_from_hf"
+            failure = ""
             if self.rank == 0 and not (out / "config.yaml").is_file():
                 self.log(f"converting {cfg.init.hf_llm} (Qwen3) into the post-LLM of a NEO model at {out}")
                 cmd = [sys.executable, "-m", "pretrain.convert", "from-hf", cfg.init.hf_llm, str(out),
@@ -104,8 +105,11 @@ class Trainer:
                        "--vision-hidden-size", str(cfg.model.vision_hidden_size), "--seed", str(cfg.train.seed)]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
-                    raise RuntimeError(f"converting {cfg.init.hf_llm} failed:\n{done.stderr[-3000:]}")
-            dist.barrier()
+                    failure = f"converting init.hf_llm={cfg.init.hf_llm} failed:\n{done.stderr[-3000:]}"
+            ok = torch.tensor([0.0 if failure else 1.0])
+            dist.broadcast(ok, src=0)  # every rank learns the outcome: nobody waits for a dead peer
+            if not ok.item():
+                raise ConfigError(failure or "converting init.hf_llm failed on rank 0 (see its log)")
             self._check_shape(out)
             return out / "model"
         self.log("warning: neither init.hf_llm nor init.checkpoint is set: the model starts from random weights")
@@ -240,6 +244,12 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
         tokenizer_path = self.tokenizer_path()
+        from pretrain.data.template import load_tokenizer
+
+        n_tokens = len(load_tokenizer(tokenizer_path))
+        if n_tokens > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer at {tokenizer_path} has {n_tokens} tokens, more than "
+                              f"model.vocab_size={cfg.model.vocab_size}: the embedding has no row for the rest")
         # Signals are caught from here on: one arriving during start-up stops the run at the
         # first step boundary (with a checkpoint) instead of killing it.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
