@@ -124,34 +124,30 @@ def _guarded(
         return Rejected(index, source, rid, rej.code, rej.message, record)
 
 
-def neo_json_entries(
-    paths: list[Path], options: SourceOptions, documents: dict[Path, list[Any]]
-) -> Iterator[Entry]:
+def _json_entries(paths: list[Path], options: SourceOptions, documents: dict[Path, list[Any]], make,
+                  fields: tuple) -> Iterator[Entry]:
+    """Records of JSON/JSONL annotation files, each made into an item by ``make`` (or rejected)."""
     index = 0
     for path in paths:
         for default_id, record, problem in iter_json_records(path, documents.get(path)):
             if problem is not None:
                 yield Rejected(index, path.name, default_id, problem.code, problem.message, record)
             else:
-                args = (index, path.name, record, default_id, options.id_field)
-                yield _guarded(
-                    index, path.name, record, default_id, options.id_field, conversation_item, *args
-                )
+                args = (index, path.name, record, default_id, *fields)
+                yield _guarded(index, path.name, record, default_id, options.id_field, make, *args)
             index += 1
+
+
+def neo_json_entries(
+    paths: list[Path], options: SourceOptions, documents: dict[Path, list[Any]]
+) -> Iterator[Entry]:
+    return _json_entries(paths, options, documents, conversation_item, (options.id_field,))
 
 
 def text_entries(
     paths: list[Path], options: SourceOptions, documents: dict[Path, list[Any]]
 ) -> Iterator[Entry]:
-    index = 0
-    for path in paths:
-        for default_id, record, problem in iter_json_records(path, documents.get(path)):
-            if problem is not None:
-                yield Rejected(index, path.name, default_id, problem.code, problem.message, record)
-            else:
-                args = (index, path.name, record, default_id, options.text_field, options.id_field)
-                yield _guarded(index, path.name, record, default_id, options.id_field, text_item, *args)
-            index += 1
+    return _json_entries(paths, options, documents, text_item, (options.text_field, options.id_field))
 
 
 def _table_rows(path: Path, columns: list[str]) -> Iterator[tuple[dict[str, Any] | list[Any], Reject | None]]:
