@@ -4,17 +4,18 @@ Not part of ``make bench`` (it answers "why", not "how fast"): each part of one 
 of the head runs forward + backward on the same input, ours and theirs interleaved, identical
 weights, fp32, and the medians are printed side by side:
 
-    attention   NativeSelfAttention (Q/K 2*head_dim wide, H/W projection, Native-RoPE, boolean mask)
+    attention   NativeSelfAttention (Q/K 2*head_dim wide, H/W projection, Native-RoPE; causal text, so
+                no mask, as the model runs it)
                 vs Qwen3Attention (sdpa, causal)
     core attn   the attention kernel alone: our ``core_attention`` vs SDPA(is_causal) on head_dim
-    core padV   our ``core_attention`` vs the same maths with V zero-padded to 2*head_dim (the
-                "qwen3" column of this row is that proposed fix, not Qwen3)
+    core mask   our ``core_attention`` with the native boolean mask vs with none (the causal fast
+                path for plain text, ``NeoBatch.causal``; the "qwen3" column of this row is that path)
     mlp         megatron MLP (fused gate|up) vs Qwen3MLP
     layer       a whole decoder layer (megatron TransformerLayer) vs Qwen3DecoderLayer
     head+loss   final norm, LM head, cross-entropy
     mask+rope   per-micro-batch native positions, mask and rotary tables (ours only)
 
-    python -m bench.model_breakdown [--rows 2] [--seq 512] [--repeats 8]
+    python -m bench.model_breakdown [--rows 2] [--seq 512] [--repeats 8] [--model h512|tiny]
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from dataclasses import replace
 
 import torch
 
 
-def _body(rows: int, seq: int, repeats: int, threads: int) -> str:
+def _body(rows: int, seq: int, repeats: int, threads: int, model_name: str = "h512") -> str:
     import torch.nn.functional as F
 
     from bench.batches import text_batch
-    from bench.model_step import build_neo, cpu_medium, qwen3_twin
+    from bench.model_step import build_neo, cpu_medium, preset, qwen3_twin
     from bench.timing import interleaved, median
     from pretrain.distributed import runtime
     from pretrain.model.native_attention import core_attention
@@ -38,7 +40,7 @@ def _body(rows: int, seq: int, repeats: int, threads: int) -> str:
     from pretrain.model.positions import native_mask, native_positions
 
     torch.set_num_threads(threads)
-    neo = cpu_medium(0)
+    neo = cpu_medium(0) if model_name == "h512" else replace(preset(model_name), pre_buffer_layers=0)
     title = (f"h{neo.hidden_size} heads {neo.num_attention_heads}/{neo.num_kv_heads} d{neo.head_dim} "
              f"ffn {neo.ffn_hidden_size} vocab {neo.vocab_size}; b{rows} s{seq}; {threads} threads; "
              f"median seconds of {repeats} interleaved fwd+bwd calls")
@@ -52,7 +54,7 @@ def _body(rows: int, seq: int, repeats: int, threads: int) -> str:
         x_bsh = x_sbh.detach().transpose(0, 1).contiguous().requires_grad_()
         positions = native_positions(batch.doc_ids, batch.image_ids, batch.image_grids)
         cos, sin = native_rope_cos_sin(positions, neo.head_dim, neo.rope_theta, neo.rope_theta_hw)
-        mask = native_mask(batch.doc_ids, batch.image_ids)
+        mask = None if batch.causal else native_mask(batch.doc_ids, batch.image_ids)  # as NeoModel.forward
         pos_ids = torch.arange(seq)[None].expand(rows, seq)
         rope = twin.model.rotary_emb(x_bsh, pos_ids)
         ours_layer, their_layer = model.decoder.layers[0], twin.model.layers[0]
@@ -81,12 +83,11 @@ def _body(rows: int, seq: int, repeats: int, threads: int) -> str:
             "core attn": (fb(lambda: core_attention(q2, k2, v1, mask, scale), q2, k2, v1),
                           fb(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
                                                                     enable_gqa=True), qh, kh, vh)),
-            # The fix proposed for core_attention: V zero-padded to Q/K's width, so that SDPA may use
-            # its fused kernel (flash on CPU; it needs one head dim), output sliced back to d.
-            "core padV": (fb(lambda: core_attention(q2, k2, v1, mask, scale), q2, k2, v1),
-                          fb(lambda: F.scaled_dot_product_attention(
-                              q2.permute(1, 2, 0, 3), k2.permute(1, 2, 0, 3), F.pad(v1, (0, d)).permute(1, 2, 0, 3),
-                              attn_mask=~mask, scale=scale, enable_gqa=True)[..., :d], q2, k2, v1)),
+            # What the causal fast path saves: the same kernel with the native boolean mask (a packed
+            # batch) against without it (NeoBatch.causal). Not a Qwen3 comparison.
+            "core mask": (fb(lambda: core_attention(q2, k2, v1, native_mask(batch.doc_ids, batch.image_ids), scale),
+                             q2, k2, v1),
+                          fb(lambda: core_attention(q2, k2, v1, None, scale), q2, k2, v1)),
             "mlp": (fb(lambda: ours_layer.mlp(x_sbh), x_sbh), fb(lambda: their_layer.mlp(x_bsh), x_bsh)),
             "layer": (fb(lambda: ours_layer(x_sbh, attention_mask=mask, rotary_pos_cos=cos, rotary_pos_sin=sin),
                          x_sbh),
@@ -129,10 +130,11 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--model", default="h512", help="h512 (bench.model_step.cpu_medium) or a conf/model preset")
     args = ap.parse_args()
     from pretrain.distributed import spawn
 
-    print(spawn.run(_body, 1, args=(args.rows, args.seq, args.repeats, args.threads), timeout=600)[0])
+    print(spawn.run(_body, 1, args=(args.rows, args.seq, args.repeats, args.threads, args.model), timeout=600)[0])
     return 0
 
 

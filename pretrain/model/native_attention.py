@@ -14,6 +14,7 @@ The converters (pretrain/convert) own the mapping to HF names.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 
-from pretrain.model.native_rope import apply_native_rope
+from pretrain.model.native_rope import swap_halves
 from pretrain.model.norm import RMSNorm
 
 # Norms replicated over TP whose gradient on each rank covers only that rank's heads: the trainer
@@ -31,26 +32,106 @@ from pretrain.model.norm import RMSNorm
 TP_PARTIAL_GRAD = "tp_partial_grad"
 
 
-def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor, scale: float) -> torch.Tensor:
+def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, masked out) v with GQA.
 
-    q [s, b, nq, 2d], k [s, b, nkv, 2d], v [s, b, nkv, d], masked [b, 1, s, s] (True = masked).
-    Returns [s, b, nq*d]. V is zero-padded to Q/K's width: torch's fused attention kernels need
-    one head dim for q, k and v (with a narrower V, SDPA falls back to the unfused math path that
-    materialises every score, 2.4-3.6x slower on CPU); the padded half of the output is zero and
-    dropped. On GPU a FlexAttention block mask is the next step (it can skip masked blocks).
+    q [s, b, nq, 2d], k [s, b, nkv, 2d], v [s, b, nkv, d] or zero-padded to 2d (``NativeQKV``
+    pads it), masked [b, 1, s, s] (True = masked), or None for plain causal attention
+    (``NeoBatch.causal``): the kernel then gets ``is_causal`` and may skip the upper triangle (GPU
+    flash kernels do; the CPU one only in blocks of 512 keys). Returns [s, b, nq*d].
+    Why V is padded: torch's fused attention kernels need one head dim for q, k and v (with a
+    narrower V, SDPA falls back to the unfused math path that materialises every score, 2.4-3.6x
+    slower on CPU); the padded half of the output is zero and dropped. On GPU a FlexAttention
+    block mask is the next step (it can skip masked blocks).
     """
-    d = v.shape[-1]
+    d = q.shape[-1] // 2
+    if v.shape[-1] == d:
+        v = F.pad(v, (0, d))
     out = F.scaled_dot_product_attention(
         q.permute(1, 2, 0, 3),
         k.permute(1, 2, 0, 3),
-        F.pad(v, (0, q.shape[-1] - d)).permute(1, 2, 0, 3),
-        attn_mask=~masked,
+        v.permute(1, 2, 0, 3),
+        attn_mask=None if masked is None else ~masked,
+        is_causal=masked is None,
         scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )[..., :d]  # [b, nq, s, d]
     s, b = q.shape[0], q.shape[1]
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+@functools.cache
+def _quarter_sums_to_part_means(device: torch.device, dtype: torch.dtype, d: int) -> torch.Tensor:
+    """[4, 4]: sums of squares of the quarters (t0, t1, h, w) of a 2d-wide head -> mean squares of
+    its parts, in the order (t, t, h, w) so that each quarter gets the value its norm divides by."""
+    t, hw = 1.0 / d, 2.0 / d
+    return torch.tensor([[t, t, 0, 0], [t, t, 0, 0], [0, 0, hw, 0], [0, 0, 0, hw]], device=device, dtype=dtype)
+
+
+class NativeQKV(torch.autograd.Function):
+    """Everything between the projections and the attention kernel, as one autograd node:
+
+        qkv [s, b, nkv, G+2, d] (per KV group: G query heads, key, value: megatron's layout),
+        qk_hw [s, b, nkv, G+1, d], weight [G+1, 2d] (t|h|w norm weights per head),
+        cos/sin [s, b, 1, 1, 2d] (``native_rope_cos_sin``)
+        -> q [s, b, nq, 2d], k [s, b, nkv, 2d], v [s, b, nkv, 2d] (zero-padded for the kernel)
+
+    Maths: q/k = concat(t, h|w) per head; RMSNorm of t over d, of h and w over d/2 each (float32,
+    cast back, then scaled, as ``RMSNorm``); Native-RoPE (``apply_native_rope``). The same as those
+    modules up to float32 rounding (tests/model/test_native_qkv.py). Why one node: written as
+    modules these are ~40 small kernels forward and more backward, each a full pass over Q and K,
+    which at CPU widths cost as much as the projections. Here the queries and keys of all heads
+    go through each step together; the mean square of t is the average of its two halves', so one
+    reduction over a [..., 4, d/2] view serves the three norms; the backward is written out, and
+    gradients land in one buffer per projection instead of being sliced, zero-filled and summed.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, qk_hw, weight, cos, sin, eps):
+        s, b, nkv, g, d = qkv.shape
+        g -= 2
+        dtype = qkv.dtype
+        x = torch.cat([qkv[..., : g + 1, :], qk_hw], dim=-1)  # [s, b, nkv, G+1, 2d]
+        x32 = x.to(torch.promote_types(dtype, torch.float32)).unflatten(-1, (4, d // 2))
+        sums = torch.linalg.vector_norm(x32, dim=-1).square()
+        r = torch.rsqrt(sums @ _quarter_sums_to_part_means(x.device, x32.dtype, d) + eps)  # [..., 4]
+        y = weight * (x32 * r.unsqueeze(-1)).flatten(-2).to(dtype)
+        # RoPE: y*cos + swap_halves(y)*sin, written straight into the kernel's q and k buffers.
+        rot_cos, rot_sin = y * cos, swap_halves(y) * sin
+        q = torch.empty(s, b, nkv * g, 2 * d, dtype=dtype, device=x.device)
+        k = torch.empty(s, b, nkv, 2 * d, dtype=dtype, device=x.device)
+        torch.add(rot_cos[..., :g, :], rot_sin[..., :g, :], out=q.view(s, b, nkv, g, 2 * d))
+        torch.add(rot_cos[..., g, :], rot_sin[..., g, :], out=k)
+        v = F.pad(qkv[..., g + 1, :], (0, d))
+        ctx.save_for_backward(x, r, weight, cos, sin)
+        ctx.eps = eps
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        x, r, weight, cos, sin = ctx.saved_tensors
+        s, b, nkv, g1, d2 = x.shape
+        g, d = g1 - 1, d2 // 2
+        dtype = x.dtype
+        compute = r.dtype  # float32, or float64 for float64 inputs (tests)
+        grad = torch.cat([grad_q.unflatten(2, (nkv, g)), grad_k.unsqueeze(3)], dim=3).to(compute)
+        # RoPE backward: cos is diagonal, swap_halves its own transpose.
+        grad_y = (grad * cos + swap_halves(grad * sin)).to(dtype)
+        x32 = x.to(compute).unflatten(-1, (4, d // 2))
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            normed = (x32 * r.unsqueeze(-1)).flatten(-2).to(dtype)
+            grad_weight = (grad_y * normed).sum_to_size(weight.shape)
+        grad_n = (grad_y * weight).to(compute).unflatten(-1, (4, d // 2))
+        # n = x * r, r = rsqrt(sums @ M + eps), sums = sum of squares per quarter.
+        grad_r = torch.linalg.vecdot(grad_n, x32)
+        grad_sums = (grad_r * r.pow(3) * -0.5) @ _quarter_sums_to_part_means(x.device, compute, d).t()
+        grad_x = torch.addcmul(grad_n * r.unsqueeze(-1), x32, 2 * grad_sums.unsqueeze(-1)).flatten(-2).to(dtype)
+        grad_qkv = torch.empty(s, b, nkv, g + 2, d, dtype=dtype, device=x.device)
+        grad_qkv[..., : g + 1, :] = grad_x[..., :d]
+        grad_qkv[..., g + 1, :] = grad_v[..., :d]
+        return grad_qkv, grad_x[..., d:].contiguous(), grad_weight, None, None, None
 
 
 @dataclass
@@ -102,21 +183,20 @@ class NativeSelfAttention(MegatronModule):
             tp_comm_buffer_name="proj",
         )
 
-    def _thw(self, t: torch.Tensor, hw: torch.Tensor, norm_t, norm_h, norm_w) -> torch.Tensor:
-        half = self.head_dim // 2
-        return torch.cat([norm_t(t), norm_h(hw[..., :half]), norm_w(hw[..., half:])], dim=-1)
+    def _qk_norm_weight(self) -> torch.Tensor:
+        """[G+1, 2d]: the t|h|w norm weights of the G query heads of a KV group, then of its key."""
+        q = torch.cat([self.q_layernorm.weight, self.q_layernorm_h.weight, self.q_layernorm_w.weight])
+        k = torch.cat([self.k_layernorm.weight, self.k_layernorm_h.weight, self.k_layernorm_w.weight])
+        return torch.cat([q.expand(self.group, -1), k[None]])
 
     def forward(self, hidden_states, attention_mask, rotary_pos_cos=None, rotary_pos_sin=None, **unused):
         qkv, _ = self.linear_qkv(hidden_states)
         qk_hw, _ = self.linear_qk_hw(hidden_states)
         s, b = qkv.shape[:2]
-        q, k, v = qkv.view(s, b, self.nkv, -1).split(self.qkv_split, dim=-1)
-        q_hw, k_hw = qk_hw.view(s, b, self.nkv, -1).split(self.hw_split, dim=-1)
-        d = self.head_dim
-        q = self._thw(q.reshape(s, b, self.nq, d), q_hw.reshape(s, b, self.nq, d),
-                      self.q_layernorm, self.q_layernorm_h, self.q_layernorm_w)
-        k = self._thw(k, k_hw, self.k_layernorm, self.k_layernorm_h, self.k_layernorm_w)
-        q = apply_native_rope(q, rotary_pos_cos, rotary_pos_sin, d)
-        k = apply_native_rope(k, rotary_pos_cos, rotary_pos_sin, d)
-        context = core_attention(q, k, v.contiguous(), attention_mask, 1.0 / math.sqrt(d))
+        d, g = self.head_dim, self.group
+        q, k, v = NativeQKV.apply(
+            qkv.view(s, b, self.nkv, g + 2, d), qk_hw.view(s, b, self.nkv, g + 1, d), self._qk_norm_weight(),
+            rotary_pos_cos.unsqueeze(2), rotary_pos_sin.unsqueeze(2), self.q_layernorm.eps,
+        )
+        context = core_attention(q, k, v, attention_mask, 1.0 / math.sqrt(d))
         return self.linear_proj(context)  # (output, bias=None): what TransformerLayer expects

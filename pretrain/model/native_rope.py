@@ -6,7 +6,8 @@ concat(t [d], h [d/2], w [d/2]); each part is rotated on its own with the HF Lla
 channels, H and W with ``rope_theta_hw`` over d/2 channels each). Because rotate_half pairs
 channel i with i + m/2 *inside* a part of width m, cos/sin of the three parts can be
 concatenated into one 2d-wide table, computed once per micro-batch and reused by every layer;
-only the rotate_half step has to know the part boundaries (``apply_native_rope``).
+only the rotate_half step has to know the part boundaries (``apply_native_rope``; the table's
+sine carries rotate_half's sign).
 
 2D RoPE (patch embedding): the reference's interleaved convention (pairs are channels 2i and
 2i+1), first half of the channels by the patch column, second half by the patch row.
@@ -16,6 +17,8 @@ positions above 256 exactly.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -57,12 +60,27 @@ def _native_parts(head_dim: int) -> tuple[int, int, int]:
     return head_dim, head_dim // 2, head_dim // 2
 
 
+@functools.cache
+def _swap_index(device: torch.device) -> torch.Tensor:
+    return torch.tensor([2, 3, 0, 1, 5, 4, 7, 6], device=device)
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """rotate_half of each part of x [..., 2d] = concat(t, h, w) without its sign: the two halves of
+    every part trade places, one gather over eighths of the width (t is four, h and w two each).
+    Its own inverse and its own transpose."""
+    return x.unflatten(-1, (8, -1)).index_select(-2, _swap_index(x.device)).flatten(-2)
+
+
 def native_rope_cos_sin(
     positions_thw: torch.Tensor, head_dim: int, rope_theta: float, rope_theta_hw: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (cos, sin) of shape [s, b, 1, 2*head_dim] from positions [3, b, s].
+    """float32 (cos, signed sin) of shape [s, b, 1, 2*head_dim] from positions [3, b, s].
 
-    The [s, b, 1, 2d] layout broadcasts against megatron's [s, b, heads, 2d] queries/keys.
+    The [s, b, 1, 2d] layout broadcasts against megatron's [s, b, heads, 2d] queries/keys. The
+    sine carries rotate_half's sign: -sin on the first half of each part, +sin on the second, so
+    that ``apply_native_rope`` rotates with one gather and no negation (built once per micro-batch,
+    used by every layer).
     """
     d_t, d_h, d_w = _native_parts(head_dim)
     parts = [
@@ -71,18 +89,19 @@ def native_rope_cos_sin(
         rope_cos_sin(positions_thw[2], d_w, rope_theta_hw),
     ]
     cos = torch.cat([c for c, _ in parts], dim=-1)
-    sin = torch.cat([s for _, s in parts], dim=-1)
+    sin = torch.cat([torch.cat([-s[..., : s.shape[-1] // 2], s[..., s.shape[-1] // 2 :]], dim=-1) for _, s in parts],
+                    dim=-1)
     return cos.transpose(0, 1).unsqueeze(2), sin.transpose(0, 1).unsqueeze(2)
 
 
 def apply_native_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Rotate a 2d-wide x = concat(t, h, w) with a ``native_rope_cos_sin`` table.
+    """Rotate a 2d-wide x = concat(t, h, w) with a ``native_rope_cos_sin`` table (broadcastable).
 
-    rotate_half is applied within each of the three parts, never across the 2d width.
+    rotate_half is applied within each of the three parts, never across the 2d width
+    (``swap_halves``; its sign is in the table): bit for bit what cat(-x2, x1) * sin gives.
     """
-    parts = x.split(_native_parts(head_dim), dim=-1)
-    rotated = torch.cat([rotate_half(p) for p in parts], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    _native_parts(head_dim)
+    return (x * cos + swap_halves(x) * sin).to(x.dtype)
 
 
 def native_rope(

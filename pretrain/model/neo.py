@@ -2,7 +2,8 @@
 
 Pipeline stage by stage (a stage may be all of them):
   first:  word embeddings; pixels -> patch embedding -> replaces the <IMG_CONTEXT> embeddings
-  every:  native (T, H, W) positions and mask from the batch metadata -> its decoder layers
+  every:  native (T, H, W) positions and mask from the batch metadata (no mask when the batch is
+          plain causal text, ``NeoBatch.causal``) -> its decoder layers
   last:   final norm -> LM head (tied to the embeddings across stages if configured) ->
           per-token cross-entropy (the weighting and normalisation are pretrain/model/loss.py's)
 Every decoder layer, pre-Buffer and post-LLM alike, is megatron's TransformerLayer with
@@ -204,9 +205,12 @@ class NeoModel(LanguageModule):
         neo = self.neo
         positions = native_positions(batch.doc_ids, batch.image_ids, batch.image_grids)
         cos, sin = native_rope_cos_sin(positions, neo.head_dim, neo.rope_theta, neo.rope_theta_hw)
+        # No mask for plain causal batches: core attention then runs SDPA's causal kernel, which
+        # skips the upper triangle instead of reading an s*s mask (batch.causal is decided on the host).
+        mask = None if batch.causal else native_mask(batch.doc_ids, batch.image_ids)
         hidden = self.decoder(
             hidden_states=self.embed(batch) if self.pre_process else None,
-            attention_mask=native_mask(batch.doc_ids, batch.image_ids),
+            attention_mask=mask,
             rotary_pos_cos=cos,
             rotary_pos_sin=sin,
         )

@@ -128,8 +128,10 @@ def test_hw_parts_match_hf_rotary_at_half_dim():
     hf_cos, hf_sin = Qwen3RotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), positions)
     thw = torch.stack([torch.zeros_like(positions), positions, positions])
     cos, sin = native_rope_cos_sin(thw, d, 1e6, 1e4)
+    # Our sine carries rotate_half's sign: -sin on the first half of each part.
+    signed = torch.cat([-hf_sin[0, :, : d // 4], hf_sin[0, :, d // 4 :]], dim=-1)
     for part in (slice(d, d + d // 2), slice(d + d // 2, 2 * d)):
-        assert torch.equal(cos[:, 0, 0, part], hf_cos[0]) and torch.equal(sin[:, 0, 0, part], hf_sin[0])
+        assert torch.equal(cos[:, 0, 0, part], hf_cos[0]) and torch.equal(sin[:, 0, 0, part], signed)
 
 
 def test_bf16_input_keeps_dtype():
