@@ -6,8 +6,11 @@ holding IDENTICAL weights (mapped with pretrain/convert/mapping.py; the logits a
 before timing), the same batch, fp32, the same ``torch.set_num_threads``, in the same process,
 steps interleaved. Ours runs the real training path: ``pretrain.schedule.forward_backward``
 (megatron's schedule, weighted loss) on one micro-batch; theirs ``model(input_ids, labels).loss
-.backward()``. Note that ours does more arithmetic for the same tokens: NEO's queries/keys are
-2*head_dim wide (T + H/W parts) and every layer has the H/W projection (``forward_flops`` counts it).
+.backward()``. The rows are plain causal text, so ours takes its causal fast path (``NeoBatch.causal``:
+no mask, SDPA ``is_causal`` like theirs). Note that ours does more arithmetic for the same tokens:
+NEO's queries/keys are 2*head_dim wide (T + H/W parts; V is zero-padded to that width for the fused
+kernel) and every layer has the H/W projection (``forward_flops`` counts it); the executed-GFLOP/s
+rows compare the two per unit of arithmetic actually executed.
 
 Multimodal path: a full NEO (pre-Buffer + post-LLM + patch embedding) on packed rows of caption
 documents with images, at the ``tiny`` preset and at a larger CPU size; no baseline exists (the

@@ -98,11 +98,11 @@ class NativeQKV(torch.autograd.Function):
         r = torch.rsqrt(sums @ _quarter_sums_to_part_means(x.device, x32.dtype, d) + eps)  # [..., 4]
         y = weight * (x32 * r.unsqueeze(-1)).flatten(-2).to(dtype)
         # RoPE: y*cos + swap_halves(y)*sin, written straight into the kernel's q and k buffers.
-        rot_cos, rot_sin = y * cos, swap_halves(y) * sin
+        rot_cos, swapped = y * cos, swap_halves(y)
         q = torch.empty(s, b, nkv * g, 2 * d, dtype=dtype, device=x.device)
         k = torch.empty(s, b, nkv, 2 * d, dtype=dtype, device=x.device)
-        torch.add(rot_cos[..., :g, :], rot_sin[..., :g, :], out=q.view(s, b, nkv, g, 2 * d))
-        torch.add(rot_cos[..., g, :], rot_sin[..., g, :], out=k)
+        torch.addcmul(rot_cos[..., :g, :], swapped[..., :g, :], sin, out=q.view(s, b, nkv, g, 2 * d))
+        torch.addcmul(rot_cos[..., g, :], swapped[..., g, :], sin.squeeze(-2), out=k)
         v = F.pad(qkv[..., g + 1, :], (0, d))
         ctx.save_for_backward(x, r, weight, cos, sin)
         ctx.eps = eps
@@ -116,8 +116,8 @@ class NativeQKV(torch.autograd.Function):
         dtype = x.dtype
         compute = r.dtype  # float32, or float64 for float64 inputs (tests)
         grad = torch.cat([grad_q.unflatten(2, (nkv, g)), grad_k.unsqueeze(3)], dim=3).to(compute)
-        # RoPE backward: cos is diagonal, swap_halves its own transpose.
-        grad_y = (grad * cos + swap_halves(grad * sin)).to(dtype)
+        # RoPE backward: cos is diagonal, swap_halves its own transpose (swap(g*sin) = swap(g)*swap(sin)).
+        grad_y = torch.addcmul(grad * cos, swap_halves(grad), swap_halves(sin)).to(dtype)
         x32 = x.to(compute).unflatten(-1, (4, d // 2))
         grad_weight = None
         if ctx.needs_input_grad[2]:
