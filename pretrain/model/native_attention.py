@@ -145,7 +145,7 @@ class NativeAttentionSubmodules:
 class NativeSelfAttention(MegatronModule):
     """Self-attention of a NEO decoder layer. Called by megatron's TransformerLayer; reads the
     Native-RoPE table from ``rotary_pos_cos``/``rotary_pos_sin`` ([s, b, 1, 2d], built once per
-    micro-batch by the model) and the native mask from ``attention_mask``."""
+    micro-batch by the model) and the native mask from ``attention_mask`` (None: plain causal)."""
 
     def __init__(self, config, submodules: NativeAttentionSubmodules, layer_number: int, **unused):
         super().__init__(config=config)
