@@ -61,21 +61,27 @@ def blank_images(meta: dict) -> list[bytes]:
     return out
 
 
-def evaluate(model, template, questions, max_new_tokens: int, log_every: int = 50) -> dict:
+def evaluate(model, template, questions, max_new_tokens: int, batch_size: int = 32) -> dict:
     from pretrain.data.prompt import build_prompt
-    from pretrain.model.generate import greedy_generate
+    from pretrain.model.generate import greedy_generate_many
+
+    # Every question twice: with its images, and blind (blank images of the same sizes).
+    prompts = []
+    for meta, images in questions:
+        for blind in (False, True):
+            p = build_prompt(template, meta, blank_images(meta) if blind else images)
+            prompts.append((p.tokens, p.image_ids, p.image_grids, p.patches))
+    outputs = greedy_generate_many(model, prompts, max_new_tokens, template.im_end_id, batch_size)
+
+    def decode(new: list[int]) -> str:
+        if new and new[-1] == template.im_end_id:
+            new = new[:-1]
+        return template.tokenizer.decode(new, skip_special_tokens=True)
 
     per_type = defaultdict(lambda: {"n": 0, "correct": 0, "blind_correct": 0, "answers": set()})
     examples = []
-    for i, (meta, images) in enumerate(questions):
-        answers = {}
-        for blind in (False, True):
-            p = build_prompt(template, meta, blank_images(meta) if blind else images)
-            new = greedy_generate(model, p.tokens, p.image_ids, p.image_grids.long().view(-1, 2), p.patches,
-                                  max_new_tokens=max_new_tokens, eos_token_id=template.im_end_id)
-            if new and new[-1] == template.im_end_id:
-                new = new[:-1]
-            answers[blind] = template.tokenizer.decode(new, skip_special_tokens=True)
+    for i, (meta, _) in enumerate(questions):
+        answers = {False: decode(outputs[2 * i]), True: decode(outputs[2 * i + 1])}
         gold = normalise_answer(meta["answer"])
         row = per_type[meta["qa_type"]]
         row["n"] += 1
@@ -86,8 +92,6 @@ def evaluate(model, template, questions, max_new_tokens: int, log_every: int = 5
             question = [t["content"] for t in meta["conversations"] if t["role"] == "user"][-1]
             examples.append({"question": question, "answer": meta["answer"], "predicted": answers[False],
                              "blind": answers[True]})
-        if log_every and (i + 1) % log_every == 0:
-            print(f"  {i + 1}/{len(questions)} questions", flush=True)
     table = {}
     for qa_type, row in sorted(per_type.items()):
         table[qa_type] = {"n": row["n"], "accuracy": row["correct"] / row["n"],
