@@ -65,13 +65,16 @@ def evaluate(model, template, questions, max_new_tokens: int, batch_size: int = 
     from pretrain.data.prompt import build_prompt
     from pretrain.model.generate import greedy_generate_many
 
-    # Every question twice: with its images, and blind (blank images of the same sizes).
-    prompts = []
-    for meta, images in questions:
-        for blind in (False, True):
-            p = build_prompt(template, meta, blank_images(meta) if blind else images)
-            prompts.append((p.tokens, p.image_ids, p.image_grids, p.patches))
-    outputs = greedy_generate_many(model, prompts, max_new_tokens, template.im_end_id, batch_size)
+    # Every question twice: with its images, and blind (blank images of the same sizes). Prompts
+    # (with their patches) are built a chunk of questions at a time, so memory stays bounded.
+    outputs = []
+    for start in range(0, len(questions), 8 * batch_size):
+        prompts = []
+        for meta, images in questions[start:start + 8 * batch_size]:
+            for blind in (False, True):
+                p = build_prompt(template, meta, blank_images(meta) if blind else images)
+                prompts.append((p.tokens, p.image_ids, p.image_grids, p.patches))
+        outputs += greedy_generate_many(model, prompts, max_new_tokens, template.im_end_id, batch_size)
 
     def decode(new: list[int]) -> str:
         if new and new[-1] == template.im_end_id:
