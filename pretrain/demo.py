@@ -29,12 +29,12 @@ from pathlib import Path
 # less than twice the time.
 # A 256-channel patch embedding (the tiny preset has 64): 0.2M parameters more, and the
 # best shape accuracy of the variants we ran.
-BATCH = ["train.micro_batch_size=2", "train.global_batch_size=8", "model.vision_hidden_size=256"]
+MULTIMODAL = ["train.micro_batch_size=2", "train.global_batch_size=8", "model.vision_hidden_size=256"]
 STAGES = [
     ("stage0_text", ["model.pre_buffer_layers=0"], "text", 100, 4),
-    ("stage1_prebuffer", ["parallel.pp=2", *BATCH], "pretrain", 250, 4),
-    ("stage2_midtrain", ["parallel.pp=2", *BATCH], "pretrain", 250, 4),
-    ("stage3_sft", ["parallel.pp=2", *BATCH], "sft", 200, 4),
+    ("stage1_prebuffer", ["parallel.pp=2", *MULTIMODAL], "pretrain", 250, 4),
+    ("stage2_midtrain", ["parallel.pp=2", *MULTIMODAL], "pretrain", 250, 4),
+    ("stage3_sft", ["parallel.pp=2", *MULTIMODAL], "sft", 200, 4),
 ]
 # data set -> (synthetic --mix, samples, samples in --quick)
 DATA = {

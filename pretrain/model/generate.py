@@ -52,7 +52,7 @@ def greedy_generate_many(model, prompts: Sequence[tuple], max_new_tokens: int = 
 
 
 def _row(prompt: tuple, generated: list[int]) -> PackedRow:
-    tokens, image_ids, grids, patches = (list(prompt) + [None] * 3)[:4]
+    tokens, image_ids, grids, patches = prompt
     tokens = torch.cat([tokens.view(-1), tokens.new_tensor(generated)])
     n = tokens.numel()
     ids = torch.full((n,), -1, dtype=torch.long)

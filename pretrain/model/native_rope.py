@@ -36,22 +36,12 @@ def _angles(positions: torch.Tensor, dim: int, base: float) -> torch.Tensor:
 def rope_cos_sin(positions: torch.Tensor, dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (cos, sin) of shape [..., dim] for rotate_half RoPE (emb = cat(freqs, freqs)).
 
-    Kept in float32: ``apply_rope`` then rotates in float32 and casts back. HF instead casts
+    Kept in float32: ``apply_native_rope`` then rotates in float32 and casts back. HF instead casts
     cos/sin to the activation dtype first; pass ``cos.to(x.dtype)`` to reproduce that exactly.
     """
     freqs = _angles(positions, dim, base)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin over the whole last dim, returned in x's dtype."""
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
 def _native_parts(head_dim: int) -> tuple[int, int, int]:
