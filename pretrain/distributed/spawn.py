@@ -5,7 +5,8 @@ is a separate ``spawn``-ed Python process that joins a gloo/NCCL group through
 ``runtime.init_distributed`` and runs ``fn(*args)``. Failures are reported as the user needs them:
 the first rank that raised, with its traceback and the tail of its log; a rank that died without a
 word (segfault, kill -9), with its exit code; and on timeout the live stack of every hung rank
-(dumped by faulthandler on SIGUSR1) before the group is killed.
+(dumped by faulthandler on SIGUSR1) before the group is killed. Start-up (spawn, imports, joining
+the group) has its own budget, so a loaded machine does not eat into the time ``fn`` is given.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def _rank_main(fn: Callable, args: tuple, rank: int, log_path: str, results: mp.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         runtime.init_distributed()
+        results.put((rank, "ready", None))
         value = fn(*args)
         results.put((rank, "ok", value))
     except BaseException:
@@ -90,7 +92,7 @@ def _kill_tree(proc: mp.Process) -> None:
             pass
 
 
-def _report(errors: dict[int, str], hung: list[int], nprocs: int, timeout: float, timed_out: bool, log_dir: Path) -> str:
+def _report(errors: dict[int, str], hung: list[int], nprocs: int, why_hung: str, log_dir: Path) -> str:
     """The first failure in full (the root cause; peers usually fail *because* of it), then one
     line per other failed rank, then the live stacks of hung ranks."""
     lines = [f"{len(errors)} rank(s) failed, {len(hung)} hung (of {nprocs}); full logs in {log_dir}"]
@@ -102,8 +104,7 @@ def _report(errors: dict[int, str], hung: list[int], nprocs: int, timeout: float
             last = errors[r].strip().splitlines()[-1] if errors[r].strip() else "?"
             lines.append(f"--- rank {r} failed too: {last}")
     for r in hung:
-        why = f"after the {timeout:.0f}s timeout" if timed_out else "after a peer failed"
-        lines += [f"--- rank {r} hung {why}; its log and stacks:", _tail(log_dir / f"rank{r}.log")]
+        lines += [f"--- rank {r} hung {why_hung}; its log and stacks:", _tail(log_dir / f"rank{r}.log")]
     return "\n".join(lines)
 
 
@@ -113,9 +114,13 @@ def run(
     *,
     args: tuple = (),
     timeout: float = 300.0,
+    startup_timeout: float = 300.0,
     env: dict[str, str] | None = None,
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``nprocs`` ranks; return the per-rank return values, rank order.
+
+    ``timeout`` counts from the moment every rank has joined the group; ``startup_timeout`` bounds
+    getting there.
 
     ``fn`` must be importable by module path (a module-level function). torch.distributed is
     initialised before it runs and torn down after; megatron layouts are ``fn``'s business.
@@ -151,18 +156,28 @@ def run(
 
     values: dict[int, Any] = {}
     errors: dict[int, str] = {}
-    deadline = time.monotonic() + timeout
+    ready: set[int] = set()
+    deadline = time.monotonic() + startup_timeout
     first_failure_at: float | None = None
+
+    def take(rank: int, status: str, payload: Any) -> None:
+        nonlocal deadline, first_failure_at
+        if status == "ready":
+            ready.add(rank)
+            if len(ready) == nprocs:
+                deadline = time.monotonic() + timeout
+            return
+        (values if status == "ok" else errors)[rank] = payload
+        if status != "ok" and first_failure_at is None:
+            first_failure_at = time.monotonic()
+
     try:
         while len(values) + len(errors) < nprocs:
             now = time.monotonic()
             if now > deadline or (first_failure_at is not None and now > first_failure_at + _GRACE_S):
                 break
             try:
-                rank, status, payload = results.get(timeout=0.2)
-                (values if status == "ok" else errors)[rank] = payload
-                if status != "ok" and first_failure_at is None:
-                    first_failure_at = time.monotonic()
+                take(*results.get(timeout=0.2))
                 continue
             except queue.Empty:
                 pass
@@ -173,8 +188,7 @@ def run(
                     time.sleep(0.5)
                     try:
                         while True:
-                            r, status, payload = results.get_nowait()
-                            (values if status == "ok" else errors)[r] = payload
+                            take(*results.get_nowait())
                     except queue.Empty:
                         pass
                     if rank not in values and rank not in errors:
@@ -199,6 +213,12 @@ def run(
         results.close()
 
     if errors or hung:
-        raise RankFailure(_report(errors, hung, nprocs, timeout, first_failure_at is None, log_dir))
+        if first_failure_at is not None:
+            why_hung = "after a peer failed"
+        elif len(ready) < nprocs:
+            why_hung = f"during start-up (not every rank joined the group within {startup_timeout:.0f}s)"
+        else:
+            why_hung = f"after the {timeout:.0f}s timeout"
+        raise RankFailure(_report(errors, hung, nprocs, why_hung, log_dir))
     shutil.rmtree(log_dir, ignore_errors=True)
     return [values[r] for r in range(nprocs)]
