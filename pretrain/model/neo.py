@@ -201,7 +201,8 @@ class NeoModel(LanguageModule):
 
     def forward(self, batch: NeoBatch, return_logits: bool = False) -> torch.Tensor:
         """First/middle stages: hidden states [s, b, h] for the next stage. Last stage: per-token
-        cross-entropy [b, s] (float32), or full-vocabulary logits [b, s, V] if ``return_logits``."""
+        cross-entropy [b, s] (float32; 0 where ``loss_mask`` is False), or full-vocabulary logits
+        [b, s, V] if ``return_logits``."""
         neo = self.neo
         positions = native_positions(batch.doc_ids, batch.image_ids, batch.image_grids)
         cos, sin = native_rope_cos_sin(positions, neo.head_dim, neo.rope_theta, neo.rope_theta_hw)
@@ -217,8 +218,15 @@ class NeoModel(LanguageModule):
         if not self.post_process:
             return hidden
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V/tp]
         if return_logits:
+            logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V/tp]
             return tensor_parallel.gather_from_tensor_model_parallel_region(logits).transpose(0, 1).float()
-        ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch.labels.t().contiguous())
-        return ce.t()
+        if self.config.sequence_parallel:  # hidden is a slice of the sequence; the head gathers it
+            logits, _ = self.output_layer(hidden, weight=weight)
+            return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch.labels.t().contiguous()).t()
+        # Only supervised positions reach the LM head: image and prompt tokens (most of a
+        # multimodal batch) would spend the largest matmul and the vocabulary softmax on nothing.
+        where = batch.loss_mask.t()  # [s, b]
+        logits, _ = self.output_layer(hidden[where].unsqueeze(1), weight=weight)  # [n, 1, V/tp]
+        ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch.labels.t()[where].unsqueeze(1))
+        return torch.zeros(where.shape, dtype=ce.dtype, device=ce.device).masked_scatter(where, ce.squeeze(1)).t()

@@ -301,6 +301,18 @@ def test_matches_naive_spec_implementation(work, reference):
 
 
 @pytest.mark.slow
+def test_loss_is_the_weighted_cross_entropy_of_the_logits(reference):
+    """The training loss (LM head on supervised positions only) against sum(w * CE) / sum(w)
+    recomputed from the full-vocabulary logits of the same batch."""
+    from pretrain.model.loss import token_weights
+
+    batch = collate(_mm_rows())  # one row per micro-batch in the reference: same rows, same order
+    logits = reference["mm_logits"]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="none")
+    w = token_weights(batch.loss_mask, batch.doc_ids, "square").flatten()
+    assert reference["mm_loss"] == pytest.approx(((ce * w).sum() / w.sum()).item(), rel=1e-6)
+
+
 def test_layouts_match_tp1pp1(reference, layouts):
     """Loss and gradients at TP2PP2, TP2xDP2, PP2xDP2, DP4, TP2PP2 with sequence parallelism
     and an uneven pipeline split (3 + 1 layers) against one process.
