@@ -36,7 +36,12 @@ class MegatronMpu:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters only; no decay on norms and biases (1-D tensors)."""
+    """Trainable parameters only; no decay on norms and biases (1-D tensors).
+
+    Every model-parallel rank must end up with the same number of groups: DeepSpeed ZeRO-1
+    all-reduces the gradient norm once per group over the TP x PP group, so a rank with an extra
+    group (say, per-role learning rates where only the first pipeline stage holds the vision
+    weights) deadlocks the step."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
