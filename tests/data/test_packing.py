@@ -155,7 +155,7 @@ def one_pass(path, dp_rank, dp_size, seq_len, **kw):
 def test_epoch_across_two_dp_ranks_loses_and_duplicates_nothing(synthetic, tokenizer):
     """Count __key__s over one pass of 2 data-parallel ranks: every sample is packed exactly once
     or (too long) skipped and counted exactly once; rows are exactly seq_len; fill is reported."""
-    seq_len = 64
+    seq_len = 40
     lengths = sample_lengths(synthetic, tokenizer)
     expected_too_long = {k for k, n in lengths.items() if n > seq_len}
     assert expected_too_long and len(expected_too_long) < len(lengths) // 2
