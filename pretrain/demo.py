@@ -27,8 +27,10 @@ from pathlib import Path
 # TP's per-layer all-reduces; stage 0 (demo only) is plain data parallelism. Micro-batches of 2 rows:
 # a tiny model's step is mostly fixed cost, so two rows per micro-batch buy twice the images for
 # less than twice the time.
-# Steps: shape is the one skill learned only from dense question/answer supervision (it stays at
-# chance through stages 1-2 and rises in SFT), so stages 1-2 are kept short and SFT keeps its steps.
+# Steps and rates: every question type stays near the blind baseline after stages 1-2 and is learned
+# in SFT, so SFT gets most of the steps. Stages 2-3 at 5e-4, half the tiny recipe's 1e-3: from one
+# stage-2 checkpoint, 200 SFT steps at 2e-3 / 1e-3 / 5e-4 / 2.5e-4 answered 45 / 64 / 69 / 71% of
+# 245 held-out shape questions (colour 77 / 75 / 86 / 80%).
 # A 256-channel patch embedding (the tiny preset has 64): 0.2M parameters more, and the
 # best shape accuracy of the variants we ran.
 MULTIMODAL = ["train.micro_batch_size=2", "train.global_batch_size=8", "model.vision_hidden_size=256"]
@@ -38,8 +40,8 @@ MULTIMODAL = ["train.micro_batch_size=2", "train.global_batch_size=8", "model.vi
 STAGES = [
     ("stage0_text", ["model.pre_buffer_layers=0"], "text", 100, 4),
     ("stage1_prebuffer", ["parallel.pp=2", "optim.lr=5e-4", *MULTIMODAL], "pretrain", 120, 4),
-    ("stage2_midtrain", ["parallel.pp=2", *MULTIMODAL], "pretrain", 150, 4),
-    ("stage3_sft", ["parallel.pp=2", *MULTIMODAL], "sft", 200, 4),
+    ("stage2_midtrain", ["parallel.pp=2", "optim.lr=5e-4", *MULTIMODAL], "pretrain", 80, 4),
+    ("stage3_sft", ["parallel.pp=2", "optim.lr=5e-4", *MULTIMODAL], "sft", 270, 4),
 ]
 # data set -> (synthetic --mix, samples, samples in --quick)
 DATA = {
