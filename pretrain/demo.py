@@ -34,6 +34,10 @@ from pathlib import Path
 # A 256-channel patch embedding (the tiny preset has 64): 0.2M parameters more, and the
 # best shape accuracy of the variants we ran.
 MULTIMODAL = ["train.micro_batch_size=2", "train.global_batch_size=8", "model.vision_hidden_size=256"]
+# SFT at 4 rows a step (one per micro-batch) for twice the steps: about the same time as 8 x 270,
+# and, from one stage-2 checkpoint, 1000 held-out questions answered colour 95 / shape 79% (86 / 76%
+# at 8 x 270). The number of updates matters more than the rows seen.
+SFT_BATCH = ["train.micro_batch_size=1", "train.global_batch_size=4"]
 # Stage 1 at a quarter of the recipe's 2e-3: against the frozen LLM the higher rate turns the patch
 # filters into colour detectors (measured: a shape probe on the stage-1 patch embedding fell from 88%
 # at initialisation to 28%; 42% at 5e-4).
@@ -41,7 +45,7 @@ STAGES = [
     ("stage0_text", ["model.pre_buffer_layers=0"], "text", 100, 4),
     ("stage1_prebuffer", ["parallel.pp=2", "optim.lr=5e-4", *MULTIMODAL], "pretrain", 120, 4),
     ("stage2_midtrain", ["parallel.pp=2", "optim.lr=5e-4", *MULTIMODAL], "pretrain", 80, 4),
-    ("stage3_sft", ["parallel.pp=2", "optim.lr=5e-4", *MULTIMODAL], "sft", 270, 4),
+    ("stage3_sft", ["parallel.pp=2", "optim.lr=5e-4", *MULTIMODAL, *SFT_BATCH], "sft", 540, 4),
 ]
 # data set -> (synthetic --mix, samples, samples in --quick)
 DATA = {
