@@ -13,15 +13,11 @@ has minutes of CPU). Measured by training the tiny preset's patch embedding (256
 as a shape classifier on one-object images (attention pooling, 64 images per step, AdamW 1e-3):
 objects placed freely (33..57 px, the previous generator) reach 54-63% after 100 steps and
 67-71% after 200; objects in cells with 2 px of jitter 99% after 100 steps (5 px: 95%; none: 100%
-after 50).
-
-Questions end at their question mark: no instruction such as " Answer with one word." (every
-answer is one word anyway). Finding the asked object takes two hops in the LLM, the asked word to
-the answer position, then that word to its object's image token, and each token between the
-question's key word and the answer is a distractor for the first hop. With that suffix (6 tokens)
-the demo answered shape questions about two or three objects 53-85% (the answer was another
-object's shape); without it, from the same stage-2 checkpoint, 97-99% (held-out, 1,000 questions; shape 98%
-in all, colour 91%).
+after 50). In the whole demo the grid lifts shape less (40-73% held-out in recipe variants, was
+30-39%): one-object questions are answered (94-100% in the best runs), two or three objects 54-73%.
+What stays slow is the LLM finding the asked object among several: in the demo's model each object's
+token carries its shape (a linear probe reads 98% at every layer) and the answer position carries
+the asked colour, yet no attention head puts more weight on the asked object than on the others.
 
 Determinism and splits: sample i of (split, seed) draws from its own RNG seeded from
 (split, seed, i), so any sample can be regenerated alone. Train and heldout never share an
@@ -46,7 +42,7 @@ from PIL import Image, ImageDraw
 from data_prep.records import Item
 from data_prep.schema import IMAGE_TAG
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 4
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -209,6 +205,8 @@ def _question(rng: random.Random, qa_type: str, scene: dict[str, Any]) -> tuple[
     raise ValueError(qa_type)
 
 
+SUFFIX = " Answer with one word."
+
 TEXT_FACTS = (
     "A triangle has three corners.",
     "A square has four equal sides.",
@@ -286,7 +284,7 @@ def make_item(seed: int, split: str, index: int, mix: dict[str, float]) -> Item:
             if len(first["objects"]) != len(second["objects"]):
                 break
         answer = "first" if len(first["objects"]) > len(second["objects"]) else "second"
-        question = f"{IMAGE_TAG}\n{IMAGE_TAG}\nWhich image has more shapes, the first or the second?"
+        question = f"{IMAGE_TAG}\n{IMAGE_TAG}\nWhich image has more shapes, the first or the second?{SUFFIX}"
         scenes = [first, second]
     else:
         while True:
@@ -294,7 +292,7 @@ def make_item(seed: int, split: str, index: int, mix: dict[str, float]) -> Item:
             qa = _question(rng, qa_type, scene)
             if qa is not None:
                 break
-        question = f"{IMAGE_TAG}\n{qa[0]}"
+        question = f"{IMAGE_TAG}\n{qa[0]}{SUFFIX}"
         answer = qa[1]
         scenes = [scene]
     turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
