@@ -64,7 +64,10 @@ def collect(run_dir: Path) -> list[dict]:
             info = {"JobState": "UNKNOWN", "Reason": f"job id {record['job_id']} now belongs to another job "
                     "(a restarted cluster?)", "Restarts": "?", "ExitCode": "?", "RunTime": "?"}
         stage_dir = Path(record["run_dir"])
-        never_started = info.get("StartTime") in ("Unknown", "None")  # its RunTime is meaningless then
+        # Its RunTime is meaningless then. A job cancelled while pending may still show a StartTime
+        # (SLURM sets it to the cancel time), but it never had nodes and never restarted.
+        never_started = info.get("StartTime") in ("Unknown", "None") or (
+            info.get("NodeList") in ("(null)", "") and info.get("Restarts") == "0")
         rows.append({
             "job_id": record["job_id"],
             "stage": record.get("stage", ""),
