@@ -162,6 +162,12 @@ def parser() -> argparse.ArgumentParser:
         "--mix", default=None, help="kind weights, e.g. caption=0.35,conversation=0.5,text=0.15 (the default)"
     )
     s.add_argument(
+        "--answer-hint",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="end every question with ' Answer with one word.' (default; the demo's SFT and held-out sets go without)",
+    )
+    s.add_argument(
         "--vocab-size", type=_positive, default=1024, help="demo tokenizer vocabulary (default 1024)"
     )
     s.add_argument(
@@ -217,7 +223,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     mix = synthetic.parse_mix(args.mix)
     if args.tokenizer is not None and not (args.tokenizer / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{args.tokenizer / 'tokenizer.json'} not found")
-    items = synthetic.make_items(args.num, args.seed, args.split, mix)
+    items = synthetic.make_items(args.num, args.seed, args.split, mix, args.answer_hint)
     output = Path(args.output)
     prepare_output(output, args.overwrite)
     tokenizer_dir = output / "tokenizer"
@@ -242,6 +248,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "split": args.split,
             "mix": mix,
+            "answer_hint": args.answer_hint,
             "vocab_size": None if args.tokenizer is not None else args.vocab_size,
         },
     }

@@ -15,9 +15,11 @@ objects placed freely (33..57 px, the previous generator) reach 54-63% after 100
 67-71% after 200; objects in cells with 2 px of jitter 99% after 100 steps (5 px: 95%; none: 100%
 after 50). In the whole demo the grid lifts shape less (40-73% held-out in recipe variants, was
 30-39%): one-object questions are answered (94-100% in the best runs), two or three objects 54-73%.
-What stays slow is the LLM finding the asked object among several: in the demo's model each object's
-token carries its shape (a linear probe reads 98% at every layer) and the answer position carries
-the asked colour, yet no attention head puts more weight on the asked object than on the others.
+The rest was the LLM finding the asked object among several: each object's token carries its shape
+(a linear probe reads 94-99%), yet with " Answer with one word." after every SFT question no head
+of the demo's model puts more weight on the asked object than its 1/n share (3 objects: 0.33 of
+the image's attention), and 2-3 object shape questions stay at 67-74%. Without that hint in SFT,
+a post-LLM head gives the asked object 0.65 of it and they reach 95-97% (see ANSWER_HINT).
 
 Determinism and splits: sample i of (split, seed) draws from its own RNG seeded from
 (split, seed, i), so any sample can be regenerated alone. Train and heldout never share an
@@ -205,7 +207,12 @@ def _question(rng: random.Random, qa_type: str, scene: dict[str, Any]) -> tuple[
     raise ValueError(qa_type)
 
 
-SUFFIX = " Answer with one word."
+# Ends every question of the pre-training mix; the demo's SFT and held-out questions go without it
+# (``answer_hint=False``). Measured from one stage-2 checkpoint: SFT questions with the hint leave
+# shape binding unlearnt (shape on 2-3 objects 67-74% of 1000 held-out questions, final SFT loss
+# 0.21), without it 95-97% (loss 0.09-0.11), over two pre-training draws. The six hint tokens
+# stand between the asked word and the answer position.
+ANSWER_HINT = " Answer with one word."
 
 TEXT_FACTS = (
     "A triangle has three corners.",
@@ -249,10 +256,11 @@ def sample_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(_digest_int(f"neo-synthetic/v{GENERATOR_VERSION}/{split}/{seed}/{index}"))
 
 
-def make_item(seed: int, split: str, index: int, mix: dict[str, float]) -> Item:
+def make_item(seed: int, split: str, index: int, mix: dict[str, float], answer_hint: bool = True) -> Item:
     """The index-th synthetic sample of (split, seed) as a build Item."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
+    hint = ANSWER_HINT if answer_hint else ""
     rng = sample_rng(seed, split, index)
     source = f"synthetic/{split}"
     sample_id = f"synthetic-{split}-s{seed}-{index:07d}"
@@ -284,7 +292,7 @@ def make_item(seed: int, split: str, index: int, mix: dict[str, float]) -> Item:
             if len(first["objects"]) != len(second["objects"]):
                 break
         answer = "first" if len(first["objects"]) > len(second["objects"]) else "second"
-        question = f"{IMAGE_TAG}\n{IMAGE_TAG}\nWhich image has more shapes, the first or the second?{SUFFIX}"
+        question = f"{IMAGE_TAG}\n{IMAGE_TAG}\nWhich image has more shapes, the first or the second?{hint}"
         scenes = [first, second]
     else:
         while True:
@@ -292,7 +300,7 @@ def make_item(seed: int, split: str, index: int, mix: dict[str, float]) -> Item:
             qa = _question(rng, qa_type, scene)
             if qa is not None:
                 break
-        question = f"{IMAGE_TAG}\n{qa[0]}{SUFFIX}"
+        question = f"{IMAGE_TAG}\n{qa[0]}{hint}"
         answer = qa[1]
         scenes = [scene]
     turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -324,5 +332,5 @@ def parse_mix(text: str | None) -> dict[str, float]:
     return mix
 
 
-def make_items(num: int, seed: int, split: str, mix: dict[str, float]) -> list[Item]:
-    return [make_item(seed, split, i, mix) for i in range(num)]
+def make_items(num: int, seed: int, split: str, mix: dict[str, float], answer_hint: bool = True) -> list[Item]:
+    return [make_item(seed, split, i, mix, answer_hint) for i in range(num)]

@@ -26,3 +26,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (demo_dir / "neo-hf" / "config.json").is_file()
     assert json.loads((demo_dir / "qwen3-pretrained" / "config.json").read_text())["model_type"] == "qwen3"
     assert "NEO demo summary" in out.stdout
+    # SFT and the held-out questions go without " Answer with one word." (pretrain/demo.py DATA)
+    hints = {name: json.loads((demo_dir / "data" / name / "manifest.json").read_text())["build"]["generator"]
+             ["answer_hint"] for name in ("pretrain", "sft", "heldout")}
+    assert hints == {"pretrain": True, "sft": False, "heldout": False}

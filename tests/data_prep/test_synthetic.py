@@ -10,6 +10,7 @@ from PIL import Image
 
 from data_prep.cli import main
 from data_prep.synthetic import (
+    ANSWER_HINT,
     COLORS,
     DEFAULT_MIX,
     QA_TYPES,
@@ -99,6 +100,20 @@ def test_answers_are_correct_one_word_and_cover_every_type(train_items):
     assert kinds["conversation"] > kinds["caption"] > kinds["text"]
 
 
+def test_answer_hint_is_the_only_difference_without_it(train_items):
+    plain = make_items(len(train_items), 7, "train", DEFAULT_MIX, answer_hint=False)
+    asked = 0
+    for with_hint, without in zip(train_items, plain):
+        assert (with_hint.extra, with_hint.text) == (without.extra, without.text)
+        if with_hint.kind == "conversation":
+            question = with_hint.conversations[0]["content"]
+            assert question.endswith(ANSWER_HINT) and ANSWER_HINT not in without.conversations[0]["content"]
+            assert without.conversations[0]["content"] == question[: -len(ANSWER_HINT)]
+            assert without.conversations[1] == with_hint.conversations[1]
+            asked += 1
+    assert asked > 100
+
+
 def test_images_show_what_the_text_says(train_items):
     sizes = set()
     for item in train_items[:120]:
@@ -138,6 +153,7 @@ def test_synthetic_cli_builds_a_self_contained_data_set(tmp_path):
         "40",
         "--split",
         "heldout",
+        "--no-answer-hint",
         "--tokenizer",
         str(train / "tokenizer"),
     ]
@@ -149,10 +165,12 @@ def test_synthetic_cli_builds_a_self_contained_data_set(tmp_path):
     assert manifest["build"]["image"]["min_pixels"] == SYNTHETIC_MIN_PIXELS
     assert manifest["build"]["image"]["max_pixels"] == SYNTHETIC_MAX_PIXELS
     assert manifest["build"]["generator"]["split"] == "heldout"
+    assert manifest["build"]["generator"]["answer_hint"] is False
     assert manifest["stats"]["text_tokens_per_sample"]["count"] == 40
     for parts in read_samples(out).values():
         sample = json.loads(parts["json"])
         assert sample["id"].startswith("synthetic-heldout-s2-") and sample["text_tokens"] > 0
+        assert all(ANSWER_HINT not in turn["content"] for turn in sample.get("conversations", []))
         for info in sample["images"]:
             h, w = info["size"]
             assert SYNTHETIC_MIN_PIXELS <= h * w <= SYNTHETIC_MAX_PIXELS and h % 32 == 0 and w % 32 == 0
