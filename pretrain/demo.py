@@ -39,9 +39,6 @@ MULTIMODAL = ["train.micro_batch_size=2", "train.global_batch_size=8", "model.vi
 # at 8 x 270). The number of updates matters more than the rows seen. 900 steps, not 540: how early
 # the model learns to pick the asked object depends on the SFT draw, and from one stage-2 checkpoint
 # an unlucky draw answered colour 91 / shape 82% after 540 steps, 96 / 98% after 900 (+120 s).
-# 12000 SFT samples, not 3000: 900 steps draw about 30000, ten passes over 3000, and from one
-# stage-2 checkpoint 1000 held-out questions went from colour 90 / shape 89% to 93 / 98% (SFT
-# loss 0.06 -> 0.13: less memorised), for 5 s more data preparation.
 SFT_BATCH = ["train.micro_batch_size=1", "train.global_batch_size=4"]
 # Stage 1 at a quarter of the recipe's 2e-3: against the frozen LLM the higher rate turns the patch
 # filters into colour detectors (measured: a shape probe on the stage-1 patch embedding fell from 88%
@@ -55,6 +52,9 @@ STAGES = [
 # data set -> (synthetic --mix, samples, samples in --quick, ' Answer with one word.' after questions)
 # SFT (and so the held-out set) asks its questions without the hint: binding the asked word to its
 # object is learnt only then (data_prep/synthetic.py, ANSWER_HINT).
+# 12000 SFT samples, not 3000: 900 steps draw about 30000, ten passes over 3000, and from one
+# stage-2 checkpoint 1000 held-out questions went from colour 90 / shape 89% to 93 / 98% (SFT
+# loss 0.06 -> 0.13: less memorised), for 5 s more data preparation.
 DATA = {
     "pretrain": ("caption=0.45,conversation=0.45,text=0.1", 6000, 200, True),
     "sft": ("conversation=1", 12000, 100, False),
