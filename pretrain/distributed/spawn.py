@@ -14,6 +14,7 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import shutil
 import signal
@@ -56,7 +57,9 @@ def _rank_main(fn: Callable, args: tuple, rank: int, log_path: str, results: mp.
     try:
         runtime.init_distributed()
         results.put((rank, "ready", None))
-        value = fn(*args)
+        # By value: a queue would pass tensors as shared-memory file descriptors that the parent
+        # fetches from this process, which may have exited by then ("No such file or directory").
+        value = pickle.dumps(fn(*args), protocol=pickle.HIGHEST_PROTOCOL)
         results.put((rank, "ok", value))
     except BaseException:
         tb = traceback.format_exc()
@@ -167,7 +170,10 @@ def run(
             if len(ready) == nprocs:
                 deadline = time.monotonic() + timeout
             return
-        (values if status == "ok" else errors)[rank] = payload
+        if status == "ok":
+            values[rank] = pickle.loads(payload)  # our own child's return value (see _rank_main)
+        else:
+            errors[rank] = payload
         if status != "ok" and first_failure_at is None:
             first_failure_at = time.monotonic()
 

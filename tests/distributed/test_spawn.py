@@ -22,6 +22,12 @@ def _sum_of_ranks():
     return dist.get_rank(), dist.get_world_size(), x.item()
 
 
+def _tensors():
+    import torch
+
+    return {"rank": torch.full((256, 1024), float(dist.get_rank())), "ids": [torch.arange(3) + i for i in range(200)]}
+
+
 def _rank1_raises():
     if dist.get_rank() == 1:
         raise ValueError("boom on rank 1")
@@ -53,6 +59,14 @@ _PATIENT_S = 300
 
 def test_returns_each_ranks_value():
     assert spawn.run(_sum_of_ranks, 2, timeout=_PATIENT_S) == [(0, 2, 3.0), (1, 2, 3.0)]
+
+
+def test_returns_tensors_after_the_rank_has_exited():
+    # A queue hands each tensor over as shared memory that the parent fetches, one by one, from
+    # the rank's process; with many tensors it was often gone before the last: results go by value.
+    for value, rank in zip(spawn.run(_tensors, 2, timeout=_PATIENT_S), range(2)):
+        assert value["rank"].shape == (256, 1024) and bool((value["rank"] == rank).all())
+        assert [t.tolist() for t in value["ids"]] == [[i, i + 1, i + 2] for i in range(200)]
 
 
 def test_crashing_rank_reported_with_its_traceback():
