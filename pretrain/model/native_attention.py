@@ -32,12 +32,13 @@ from pretrain.model.norm import RMSNorm
 TP_PARTIAL_GRAD = "tp_partial_grad"
 
 
-def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None,
+def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale, masked out) v with GQA.
+    """softmax(q k^T * scale + bias) v with GQA.
 
     q [s, b, nq, 2d], k [s, b, nkv, 2d], v [s, b, nkv, d] or zero-padded to 2d (``NativeQKV``
-    pads it), masked [b, 1, s, s] (True = masked), or None for plain causal attention
+    pads it), bias [b, 1, s, s] (``native_attention_bias``: 0 or -inf, shared by all layers), or
+    None for plain causal attention
     (``NeoBatch.causal``): the kernel then gets ``is_causal`` and may skip the upper triangle (GPU
     flash kernels do; the CPU one only in blocks of 512 keys). Returns [s, b, nq*d].
     Why V is padded: torch's fused attention kernels need one head dim for q, k and v (with a
@@ -52,8 +53,8 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: to
         q.permute(1, 2, 0, 3),
         k.permute(1, 2, 0, 3),
         v.permute(1, 2, 0, 3),
-        attn_mask=None if masked is None else ~masked,
-        is_causal=masked is None,
+        attn_mask=None if bias is None else bias.to(q.dtype),
+        is_causal=bias is None,
         scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )[..., :d]  # [b, nq, s, d]
@@ -145,7 +146,8 @@ class NativeAttentionSubmodules:
 class NativeSelfAttention(MegatronModule):
     """Self-attention of a NEO decoder layer. Called by megatron's TransformerLayer; reads the
     Native-RoPE table from ``rotary_pos_cos``/``rotary_pos_sin`` ([s, b, 1, 2d], built once per
-    micro-batch by the model) and the native mask from ``attention_mask`` (None: plain causal)."""
+    micro-batch by the model) and the native mask from ``attention_mask`` (the additive
+    ``native_attention_bias``; None: plain causal)."""
 
     def __init__(self, config, submodules: NativeAttentionSubmodules, layer_number: int, **unused):
         super().__init__(config=config)

@@ -60,14 +60,14 @@ def _body(layouts):
             model = NeoModel(transformer_config(NEO, tp=tp, pp=pp), NEO)
             runs = {}
             for name, micro in (("masked", masked), ("causal", batches)):
-                build_mask = neo_module.native_mask
+                build_mask = neo_module.native_attention_bias
                 if name == "causal":  # the fast path must not build the s*s mask at all
-                    neo_module.native_mask = lambda *a: (_ for _ in ()).throw(AssertionError("mask built"))
+                    neo_module.native_attention_bias = lambda *a: (_ for _ in ()).throw(AssertionError("mask built"))
                 try:
                     model.zero_grad(set_to_none=True)
                     loss = forward_backward(model, micro)
                 finally:
-                    neo_module.native_mask = build_mask
+                    neo_module.native_attention_bias = build_mask
                 runs[name] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
             out[(tp, pp)] = (ps.get_pipeline_model_parallel_rank(), runs)
     return out

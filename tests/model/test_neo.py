@@ -128,13 +128,13 @@ def _reference_body(work: str):
         attn = model.decoder.layers[2].self_attention
         b = collate(rows[:2])
         from pretrain.model.native_rope import native_rope_cos_sin
-        from pretrain.model.positions import native_mask, native_positions
+        from pretrain.model.positions import native_attention_bias, native_positions
 
         pos = native_positions(b.doc_ids, b.image_ids, b.image_grids)
         cos, sin = native_rope_cos_sin(pos, RANDOM_NEO.head_dim, RANDOM_NEO.rope_theta, RANDOM_NEO.rope_theta_hw)
         x = torch.randn(SEQ, 2, RANDOM_NEO.hidden_size, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
-            out["attn_in"], out["attn_out"] = x, attn(x, native_mask(b.doc_ids, b.image_ids), rotary_pos_cos=cos, rotary_pos_sin=sin)[0]
+            out["attn_in"], out["attn_out"] = x, attn(x, native_attention_bias(b.doc_ids, b.image_ids, x.dtype), rotary_pos_cos=cos, rotary_pos_sin=sin)[0]
     dist.barrier()
     return out
 
