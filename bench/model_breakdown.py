@@ -8,8 +8,8 @@ weights, fp32, and the medians are printed side by side:
                 no mask, as the model runs it)
                 vs Qwen3Attention (sdpa, causal)
     core attn   the attention kernel alone: our ``core_attention`` vs SDPA(is_causal) on head_dim
-    core mask   our ``core_attention`` with the native mask (its additive bias) vs with none (the causal fast
-                path for plain text, ``NeoBatch.causal``; the "qwen3" column of this row is that path)
+    core mask   our ``core_attention`` with the native mask (its additive bias) vs with none (the
+                causal fast path for plain text, ``NeoBatch.causal``; the "qwen3" column is that path)
     mlp         megatron MLP (fused gate|up) vs Qwen3MLP
     layer       a whole decoder layer (megatron TransformerLayer) vs Qwen3DecoderLayer
     head+loss   final norm, LM head, cross-entropy
@@ -54,7 +54,8 @@ def _body(rows: int, seq: int, repeats: int, threads: int, model_name: str = "h5
         x_bsh = x_sbh.detach().transpose(0, 1).contiguous().requires_grad_()
         positions = native_positions(batch.doc_ids, batch.image_ids, batch.image_grids)
         cos, sin = native_rope_cos_sin(positions, neo.head_dim, neo.rope_theta, neo.rope_theta_hw)
-        mask = None if batch.causal else native_attention_bias(batch.doc_ids, batch.image_ids, x_sbh.dtype)  # as NeoModel.forward
+        # as NeoModel.forward
+        mask = None if batch.causal else native_attention_bias(batch.doc_ids, batch.image_ids, x_sbh.dtype)
         pos_ids = torch.arange(seq)[None].expand(rows, seq)
         rope = twin.model.rotary_emb(x_bsh, pos_ids)
         ours_layer, their_layer = model.decoder.layers[0], twin.model.layers[0]

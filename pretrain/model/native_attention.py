@@ -38,9 +38,9 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
 
     q [s, b, nq, 2d], k [s, b, nkv, 2d], v [s, b, nkv, d] or zero-padded to 2d (``NativeQKV``
     pads it), bias [b, 1, s, s] (``native_attention_bias``: 0 or -inf, shared by all layers), or
-    None for plain causal attention
-    (``NeoBatch.causal``): the kernel then gets ``is_causal`` and may skip the upper triangle (GPU
-    flash kernels do; the CPU one only in blocks of 512 keys). Returns [s, b, nq*d].
+    None for plain causal attention (``NeoBatch.causal``): the kernel then gets ``is_causal`` and
+    may skip the upper triangle (GPU flash kernels do; the CPU one only in blocks of 512 keys).
+    Returns [s, b, nq*d].
     Why V is padded: torch's fused attention kernels need one head dim for q, k and v (with a
     narrower V, SDPA falls back to the unfused math path that materialises every score, 2.4-3.6x
     slower on CPU); the padded half of the output is zero and dropped. On GPU a FlexAttention

@@ -1,7 +1,8 @@
 """The causal fast path: a micro-batch of plain text rows (one document from position 0, then
 padding) runs attention with ``is_causal`` and no mask (``NeoBatch.causal``). Padding then sees the
 text before it, which may only change outputs at padding: the loss and every gradient must equal
-those of the masked path, at TP1PP1 and on both stages of PP2 (each stage decides on its own)."""
+those of the masked path, at TP1PP1 and on both stages of PP2 (each stage decides on its own).
+The masked path builds one attention bias per micro-batch that all layers share."""
 
 from __future__ import annotations
 
@@ -63,19 +64,29 @@ def _body(layouts):
                 build_mask = neo_module.native_attention_bias
                 if name == "causal":  # the fast path must not build the s*s mask at all
                     neo_module.native_attention_bias = lambda *a: (_ for _ in ()).throw(AssertionError("mask built"))
+                masks = []  # the [b, 1, s, s] tensors attention keeps for backward (held: no address reuse)
+                keep = lambda t: (masks.append(t) if t.shape == (2, 1, SEQ, SEQ) else None) or t  # noqa: E731
                 try:
                     model.zero_grad(set_to_none=True)
-                    loss = forward_backward(model, micro)
+                    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                        loss = forward_backward(model, micro)
                 finally:
                     neo_module.native_attention_bias = build_mask
-                runs[name] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+                kept = (len(masks), len({m.untyped_storage().data_ptr() for m in masks}), len(model.decoder.layers))
+                runs[name] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                              kept)
             out[(tp, pp)] = (ps.get_pipeline_model_parallel_rank(), runs)
     return out
 
 
 def _check(results):
     for (stage, runs) in results:
-        (loss_m, grads_m), (loss_c, grads_c) = runs["masked"], runs["causal"]
+        (loss_m, grads_m, kept_m), (loss_c, grads_c, kept_c) = runs["masked"], runs["causal"]
+        # The masked path: every layer keeps the micro-batch's one bias, never a copy of its own
+        # (tests/model/test_attention_bias.py); the causal path keeps none.
+        n_kept, n_distinct, layers = kept_m
+        assert (n_kept, n_distinct) == (2 * layers, 2), (stage, kept_m)  # 2 micro-batches
+        assert kept_c[0] == 0, (stage, kept_c)
         assert (loss_m is None) == (loss_c is None)
         if loss_m is not None:
             assert abs(loss_m - loss_c) <= 1e-6 * abs(loss_m), (stage, loss_m, loss_c)

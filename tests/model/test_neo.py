@@ -134,7 +134,8 @@ def _reference_body(work: str):
         cos, sin = native_rope_cos_sin(pos, RANDOM_NEO.head_dim, RANDOM_NEO.rope_theta, RANDOM_NEO.rope_theta_hw)
         x = torch.randn(SEQ, 2, RANDOM_NEO.hidden_size, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
-            out["attn_in"], out["attn_out"] = x, attn(x, native_attention_bias(b.doc_ids, b.image_ids, x.dtype), rotary_pos_cos=cos, rotary_pos_sin=sin)[0]
+            bias = native_attention_bias(b.doc_ids, b.image_ids, x.dtype)
+            out["attn_in"], out["attn_out"] = x, attn(x, bias, rotary_pos_cos=cos, rotary_pos_sin=sin)[0]
     dist.barrier()
     return out
 
