@@ -70,36 +70,45 @@ def forward_backward(model, micro_batches: list[NeoBatch], reduction: str = "squ
     return loss.item()
 
 
-def _sum_grads(params: list[torch.nn.Parameter], group) -> None:
-    """All-reduce (sum) the gradients of ``params`` over ``group``. A parameter that got no
-    gradient here (e.g. vision weights on a rank whose micro-batches had no image) joins with
-    zeros, so every rank reduces the same flat buffer."""
-    if not params or dist.get_world_size(group) == 1:
+def _sum(tensors: list[torch.Tensor], group) -> None:
+    """All-reduce (sum) ``tensors`` over ``group`` as one flat buffer."""
+    if not tensors or dist.get_world_size(group) == 1:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
+    flat = torch._utils._flatten_dense_tensors(tensors)
     dist.all_reduce(flat, group=group)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+    for t, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        t.copy_(synced)
 
 
-def finalize_grads(model, reduce_data_parallel: bool = True) -> None:
+def param_grads(model) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, ``p.grad``) for every trainable parameter; a parameter that got no gradient here
+    (e.g. vision weights on a rank whose micro-batches had no image) gets zeros, so every rank
+    reduces the same flat buffers. Training passes DeepSpeed's buffers instead (optim.zero.main_grads)."""
+    pairs = []
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            pairs.append((p, p.grad))
+    return pairs
+
+
+def finalize_grads(model, grads: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None,
+                   reduce_data_parallel: bool = True) -> None:
     """Make every gradient whole: per-head norms and sequence-parallel norms summed over TP, the
     tied embedding summed over its first/last-stage copies, and (optionally) everything summed
-    over DP. Megatron's DDP + finalize_model_grads do the same for megatron's own optimizer."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    partial = [p for p in params if getattr(p, TP_PARTIAL_GRAD, False) or getattr(p, "sequence_parallel", False)]
-    _sum_grads(partial, ps.get_tensor_model_parallel_group())
+    over DP. Megatron's DDP + finalize_model_grads do the same for megatron's own optimizer.
+    ``grads`` pairs each trainable parameter with the tensor holding its accumulated gradient
+    (default: ``param_grads``)."""
+    grads = param_grads(model) if grads is None else grads
+    partial = [g for p, g in grads if getattr(p, TP_PARTIAL_GRAD, False) or getattr(p, "sequence_parallel", False)]
+    _sum(partial, ps.get_tensor_model_parallel_group())
     if (ps.get_pipeline_model_parallel_world_size() > 1 and model.share_embeddings_and_output_weights
             and ps.is_rank_in_embedding_group()):
         shared = model.shared_embedding_or_output_weight()
-        if shared.requires_grad:
-            _sum_grads([shared], ps.get_embedding_group())
+        _sum([g for p, g in grads if p is shared], ps.get_embedding_group())
     if reduce_data_parallel:
-        _sum_grads(params, ps.get_data_parallel_group())
+        _sum([g for _, g in grads], ps.get_data_parallel_group())
 
 
 @torch.no_grad()

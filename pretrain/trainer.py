@@ -5,6 +5,11 @@ NEO's loss normalised over the global batch) -> gradients made whole across TP a
 embedding -> DeepSpeed ZeRO-1 (reduce over DP, clip by the global norm, AdamW, LR schedule) ->
 metrics -> checkpoint. SIGTERM/SIGUSR1 make every rank finish the step, save and exit with
 ``REQUEUE_EXIT_CODE`` so a scheduler can requeue the job; the next start resumes exactly.
+
+Devices: the model lives on ``runtime.device()``. Data crosses from host to device in one place,
+``_to_device`` (the loader hands pinned batches; the copies are asynchronous). Every tensor that
+enters a collective is created on the device (NCCL takes nothing else), and a step syncs the host
+a fixed handful of times (loss, finite check, counts, stop flag), never per parameter.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from pretrain.distributed import runtime
 from pretrain.metrics import Metrics, forward_flops
 from pretrain.model.neo import NeoModel, transformer_config
 from pretrain.model.roles import set_trainable
-from pretrain.optim.zero import build_engine
+from pretrain.model.batch import NeoBatch
+from pretrain.optim.zero import build_engine, load_optimizer_state, main_grads
 from pretrain.schedule import finalize_grads, forward_backward
 
 REQUEUE_EXIT_CODE = 85  # "checkpoint written after a signal: requeue me" (slurm/ relies on it)
@@ -48,6 +54,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.rank = dist.get_rank()
+        self.device = runtime.device()
         self.stop_signal: int | None = None
         self.step = 0
         self.consumed_samples = 0
@@ -72,17 +79,22 @@ class Trainer:
             raise ConfigError(f"no tokenizer at {path}: set tokenizer.path to an HF tokenizer directory")
         return path
 
-    def build_model(self) -> NeoModel:
+    def build_model(self, init_weights: bool) -> NeoModel:
+        """This rank's part of the model, on the device. ``init_weights=False`` when every weight
+        is about to be loaded: random initialisation would be thrown away (minutes at 9B)."""
         cfg = self.cfg
+        started = time.perf_counter()
         tcfg = transformer_config(cfg.model, tp=self.layout.tp, pp=self.layout.pp,
                                   sequence_parallel=cfg.parallel.sequence_parallel,
-                                  pipeline_split=self.layout.layers_per_stage, dtype=self.dtype())
-        model = NeoModel(tcfg, cfg.model)
+                                  pipeline_split=self.layout.layers_per_stage, dtype=self.dtype(),
+                                  init_weights=init_weights)
+        model = NeoModel(tcfg, cfg.model).to(self.device)
         counts = set_trainable(model, cfg.stage.trainable)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log(f"model: {cfg.model.num_parameters() / 1e6:.1f}M parameters; this rank holds "
                  f"{sum(counts.values()) / 1e6:.2f}M, {trainable / 1e6:.2f}M trainable "
-                 f"({', '.join(cfg.stage.trainable)})")
+                 f"({', '.join(cfg.stage.trainable)}); built on {self.device} in {time.perf_counter() - started:.1f}s"
+                 f"{'' if init_weights else ' (no random init: weights are loaded next)'}")
         return model
 
     def initial_weights(self) -> Path | None:
@@ -106,7 +118,7 @@ class Trainer:
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
                     failure = f"converting init.hf_llm={cfg.init.hf_llm} failed:\n{done.stderr[-3000:]}"
-            ok = torch.tensor([0.0 if failure else 1.0])
+            ok = torch.tensor([0.0 if failure else 1.0], device=self.device)
             dist.broadcast(ok, src=0)  # every rank learns the outcome: nobody waits for a dead peer
             if not ok.item():
                 raise ConfigError(failure or "converting init.hf_llm failed on rank 0 (see its log)")
@@ -199,8 +211,7 @@ class Trainer:
     def restore_state(self, path: Path, state: dict, engine, loader) -> None:
         """Optimizer, LR schedule, RNG, data position and counters of a resumed run."""
         if self.cfg.checkpoint.load_optimizer:
-            engine.load_checkpoint(str(path / "optimizer"), tag="zero", load_module_strict=False,
-                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+            load_optimizer_state(engine, str(path / "optimizer"))
             ckpt.load_rng(path / "rng" / f"rank_{self.rank:05d}.pt")
         else:  # a fresh optimizer continues the LR schedule where the run was
             for _ in range(state["step"]):
@@ -217,23 +228,24 @@ class Trainer:
         self.stop_signal = signum
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0])
+        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item())
 
-    def _all_finite(self, loss: float | None) -> bool:
-        bad = 0.0 if loss is None or math.isfinite(loss) else 1.0
-        for p in self.model.parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                bad = 1.0
-                break
-        flag = torch.tensor([bad])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
+    def _all_finite(self, loss: float, grads: list[torch.Tensor]) -> bool:
+        """Whether the loss and every gradient of every rank are finite: one fused reduction (the
+        largest magnitude per tensor is inf or nan iff the tensor holds one; no overflow), one
+        all-reduce, one host sync."""
+        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=self.device)
+        if grads:
+            largest = torch.stack(torch._foreach_norm(grads, float("inf"))).amax()
+            bad += (~torch.isfinite(largest)).float()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
 
     def _broadcast_loss(self, loss: float | None) -> float:
         """The global loss lives on last-stage ranks; every rank gets it (for logging on rank 0)."""
-        value = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64)
+        value = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64, device=self.device)
         last = ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
         return value.item()
@@ -254,16 +266,15 @@ class Trainer:
         # first step boundary (with a checkpoint) instead of killing it.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        self.model = self.build_model()
         # Weights first, optimizer second (see restore_weights).
         resume = self.resume_point()
+        weights = self.initial_weights() if resume is None else None
+        self.model = self.build_model(init_weights=resume is None and weights is None)
         if resume is not None:
             resumed = self.restore_weights(resume)
-        else:
-            weights = self.initial_weights()
-            if weights is not None:
-                load_weights(self.model, weights)
-                self.log(f"initial weights from {weights.parent}")
+        elif weights is not None:
+            load_weights(self.model, weights)
+            self.log(f"initial weights from {weights.parent}")
         engine, scheduler = build_engine(self.model, cfg.optim, cfg.train.steps, cfg.train.micro_batch_size,
                                          layout.num_microbatches, bf16=self.dtype() == torch.bfloat16)
         loader = self.build_loader(tokenizer_path)
@@ -280,11 +291,13 @@ class Trainer:
         exit_code = 0
         try:
             while self.step < cfg.train.steps:
-                micro = [next(batches) for _ in range(layout.num_microbatches)]
+                host = [next(batches) for _ in range(layout.num_microbatches)]
+                micro = [self._to_device(b) for b in host]
                 loss = forward_backward(self.model, micro, cfg.stage.loss_reduction, grad_scale=layout.dp)
-                finalize_grads(self.model, reduce_data_parallel=False)
+                grads = main_grads(engine)
+                finalize_grads(self.model, grads, reduce_data_parallel=False)
                 loss = self._broadcast_loss(loss)
-                if self._all_finite(loss):
+                if self._all_finite(loss, [g for _, g in grads]):
                     engine.set_gradient_accumulation_boundary(True)
                     engine.allreduce_gradients()
                     engine.step()
@@ -303,7 +316,7 @@ class Trainer:
                                              "stopping without writing a checkpoint of these weights")
                 self.model.zero_grad(set_to_none=True)
                 self.step += 1
-                tokens, images, samples, fill = self._step_counts(micro)
+                tokens, images, samples, fill = self._step_counts(host)
                 self.consumed_samples += samples
                 interval["tokens"] += tokens
                 interval["samples"] += samples
@@ -341,13 +354,20 @@ class Trainer:
         dist.barrier()
         return path.read_text().strip()
 
-    def _step_counts(self, micro) -> tuple[int, int, int, float]:
-        """(real tokens, image tokens, samples, pack fill) of the whole step, over all DP ranks."""
-        local = torch.zeros(4, dtype=torch.float64)
-        for b in micro:
+    def _to_device(self, batch: NeoBatch) -> NeoBatch:
+        """THE host -> device crossing of training data (asynchronous from the loader's pinned memory)."""
+        return batch.to(self.device)
+
+    def _step_counts(self, host: list[NeoBatch]) -> tuple[int, int, int, float]:
+        """(real tokens, image tokens, samples, pack fill) of the whole step, over all DP ranks.
+        Counted on the host copies of the batches, so only the all-reduce touches the device."""
+        counts = [0.0, 0.0, 0.0, 0.0]
+        for b in host:
             real = b.doc_ids >= 0
-            local += torch.tensor([real.sum(), (b.image_ids >= 0).sum(), (real & _doc_starts(b.doc_ids)).sum(),
-                                   b.tokens.numel()], dtype=torch.float64)
+            for i, n in enumerate((real.sum(), (b.image_ids >= 0).sum(), (real & _doc_starts(b.doc_ids)).sum(),
+                                   b.tokens.numel())):
+                counts[i] += float(n)
+        local = torch.tensor(counts, dtype=torch.float64, device=self.device)
         dist.all_reduce(local, group=ps.get_data_parallel_group())
         tokens, images, samples, slots = local.tolist()
         return int(tokens), int(images), int(samples), tokens / max(1.0, slots)

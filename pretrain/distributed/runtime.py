@@ -35,9 +35,11 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise RuntimeError(f"{var} is not set: launch with torchrun (or slurm/), not plain python")
+    bound = {}
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         backend = "nccl"
+        bound = {"device_id": device()}  # NCCL communicators bind to this rank's GPU eagerly
     else:
         cpu_compat.apply()
         backend = "gloo"
@@ -46,6 +48,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
         timeout=datetime.timedelta(seconds=timeout_s),
+        **bound,
     )
 
 

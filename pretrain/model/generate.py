@@ -29,6 +29,7 @@ def greedy_generate_many(model, prompts: Sequence[tuple], max_new_tokens: int = 
     if parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise ValueError("greedy generation needs the whole model on one stage: load the checkpoint at PP=1")
     was_training = model.training
+    device = next(model.parameters()).device  # prompts are built on the host, the model may be on a GPU
     model.eval()
     new: list[list[int]] = [[] for _ in prompts]
     # Similar lengths share a batch: less padding.
@@ -38,10 +39,10 @@ def greedy_generate_many(model, prompts: Sequence[tuple], max_new_tokens: int = 
         for _ in range(max_new_tokens):
             rows = [_row(prompts[i], new[i]) for i in active]
             length = max(r.tokens.numel() for r in rows)
-            batch = collate([_pad(r, length) for r in rows])
+            batch = collate([_pad(r, length) for r in rows]).to(device)
             logits = model(batch, return_logits=True)  # [b, s, V]
-            last = torch.tensor([r.tokens.numel() - 1 for r in rows])
-            picked = logits[torch.arange(len(rows)), last].argmax(-1).tolist()
+            last = torch.tensor([r.tokens.numel() - 1 for r in rows], device=device)
+            picked = logits[torch.arange(len(rows), device=device), last].argmax(-1).tolist()
             for i, token in zip(active, picked):
                 new[i].append(token)
             active = [i for i in active if new[i][-1] != eos_token_id]
