@@ -56,6 +56,9 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "auto"  # auto: bf16 on GPUs, fp32 on CPU
     max_skipped_steps: int = 5  # non-finite steps in a row before the run stops
+    # Activations backward recomputes instead of keeping: none | selective (core attention) | full
+    # (each decoder layer keeps only its input). pretrain/model/neo.py, layer_spec.
+    recompute: str = "none"
 
 
 @dataclass
@@ -89,7 +92,7 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every: int = 1
-    peak_tflops: float = 989.0  # per device, dense bf16 (H100/H200); MFU is measured against it
+    peak_tflops: float = 0.0  # per device (dense bf16: 989 for H100/H200); MFU against it; 0 = unknown: no MFU
 
 
 @dataclass
@@ -226,6 +229,8 @@ def _validate_run(cfg: Config) -> None:
         raise ConfigError(f"stage.loss_reduction={cfg.stage.loss_reduction!r} is not one of {', '.join(REDUCTIONS)}")
     if cfg.train.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"train.dtype={cfg.train.dtype!r} must be auto, float32 or bfloat16")
+    if cfg.train.recompute not in ("none", "selective", "full"):  # neo.RECOMPUTE, without importing megatron
+        raise ConfigError(f"train.recompute={cfg.train.recompute!r} must be none, selective or full")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r} must be offline, online or disabled")
     if cfg.train.steps < 1 or cfg.checkpoint.every < 1 or cfg.log.every < 1:

@@ -1,9 +1,13 @@
 """Training metrics for people: one console line per log interval, ``metrics.jsonl`` (one JSON object
 per line, for plots without W&B) and Weights & Biases (offline by default, rank 0 only).
 
-FLOPs are model FLOPs of the work done: every matmul of the decoder (including the H/W
-projections), attention scores over the full sequence (what a masked dense kernel computes),
-the LM head and the patch embedding; backward counts twice forward (the usual 6N convention).
+TFLOP/s per device divides the useful model FLOPs of the interval (``pretrain.flops.step_flops``:
+attention over the pairs the native mask allows, the LM head on supervised tokens, no weight
+gradients for frozen roles; whole model per data-parallel rank, summed over those ranks) by the wall
+time and the number of devices.
+MFU is that over ``log.peak_tflops``, and only reported when a peak is configured (> 0) for the
+device: without one (CPU runs, unknown hardware) metrics.jsonl has no ``mfu`` and the console shows
+``MFU -`` instead of a percentage of someone else's peak.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ from pretrain.model.config import NeoModelConfig
 
 
 def forward_flops(neo: NeoModelConfig, tokens: int, seq_len: int, image_tokens: int) -> float:
-    """Forward FLOPs of ``tokens`` tokens in rows of ``seq_len``, ``image_tokens`` of them pixels."""
+    """Forward FLOPs of ``tokens`` tokens in rows of ``seq_len``, ``image_tokens`` of them pixels,
+    counting attention over full rows and the LM head on every token.
+
+    Kept only for bench/ (model_step.py, gpu.py), which has not moved yet: training reports
+    ``pretrain.flops.step_flops``. Delete this when bench uses ``step_flops`` too."""
     sharded, _ = neo.layer_parameters()
     dense = 2.0 * tokens * (neo.num_layers * sharded + neo.hidden_size * neo.vocab_size)
     # QK^T over 2d-wide queries/keys and AV over d: 6 * s * nq * d per token per layer.
@@ -87,7 +95,8 @@ class Metrics:
             "step_time_s": elapsed / max(1, steps_in_interval),
             "memory_gb": memory_gb(),
         }
-        row["mfu"] = row["tflops_per_device"] / self.cfg.log.peak_tflops if self.cfg.log.peak_tflops else 0.0
+        if self.cfg.log.peak_tflops > 0:
+            row["mfu"] = row["tflops_per_device"] / self.cfg.log.peak_tflops
         self.jsonl.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -97,9 +106,10 @@ class Metrics:
     def line(row: dict, total_steps: int) -> str:
         loss = row.get("loss")
         loss_s = f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else str(loss)
+        mfu = f"{100 * row['mfu']:.2f}%" if "mfu" in row else "-"
         return (f"step {row['step']}/{total_steps} | loss {loss_s} | lr {row['lr']:.2e} | gnorm {row['grad_norm']:.3f}"
                 f" | {row['tokens_per_s']:,.0f} tok/s | {row['samples_per_s']:.1f} samples/s"
-                f" | {row['tflops_per_device']:.3f} TFLOP/s/dev | MFU {100 * row['mfu']:.2f}%"
+                f" | {row['tflops_per_device']:.4g} TFLOP/s/dev | MFU {mfu}"
                 f" | fill {100 * row.get('pack_fill', 0):.0f}% | mem {row['memory_gb']:.2f} GB"
                 f" | skipped {row.get('skipped_steps', 0)} steps, {row.get('skipped_samples', 0)} samples")
 

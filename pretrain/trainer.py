@@ -14,9 +14,7 @@ a fixed handful of times (loss, finite check, counts, stop flag), never per para
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,14 +29,15 @@ import yaml
 from megatron.core import parallel_state as ps
 
 from pretrain.checkpoint import checkpointer as ckpt
-from pretrain.checkpoint.weights import load_weights, save_weights
+from pretrain.checkpoint.manager import CheckpointManager, Progress
+from pretrain.checkpoint.weights import load_weights
 from pretrain.config import Config, ConfigError, Layout
 from pretrain.distributed import runtime
 from pretrain.metrics import Metrics, forward_flops
 from pretrain.model.neo import NeoModel, transformer_config
 from pretrain.model.roles import set_trainable
 from pretrain.model.batch import NeoBatch
-from pretrain.optim.zero import build_engine, load_optimizer_state, main_grads
+from pretrain.optim.zero import build_engine, main_grads
 from pretrain.schedule import finalize_grads, forward_backward
 
 REQUEUE_EXIT_CODE = 85  # "checkpoint written after a signal: requeue me" (slurm/ relies on it)
@@ -52,14 +51,12 @@ class Trainer:
     def __init__(self, cfg: Config, layout: Layout):
         self.cfg, self.layout = cfg, layout
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.rank = dist.get_rank()
         self.device = runtime.device()
+        self.checkpoints = CheckpointManager(cfg, layout, self.log)
+        self.progress = Progress()
         self.stop_signal: int | None = None
-        self.step = 0
-        self.consumed_samples = 0
-        self.skipped_steps = self.skipped_in_a_row = 0
-        self.run_id = ""
+        self.skipped_in_a_row = 0
 
     # ------------------------------------------------------------------------------- set-up
 
@@ -88,7 +85,7 @@ class Trainer:
                                   sequence_parallel=cfg.parallel.sequence_parallel,
                                   pipeline_split=self.layout.layers_per_stage, dtype=self.dtype(),
                                   init_weights=init_weights)
-        model = NeoModel(tcfg, cfg.model).to(self.device)
+        model = NeoModel(tcfg, cfg.model, recompute=cfg.train.recompute).to(self.device)
         counts = set_trainable(model, cfg.stage.trainable)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log(f"model: {cfg.model.num_parameters() / 1e6:.1f}M parameters; this rank holds "
@@ -146,82 +143,6 @@ class Trainer:
             packing_buffer=cfg.data.packing_buffer, shuffle_buffer=cfg.data.shuffle_buffer,
         )
 
-    # ----------------------------------------------------------------------------- checkpoints
-
-    def save(self, engine, loader, tokenizer_path: Path) -> Path:
-        started = time.perf_counter()
-        tmp = ckpt.prepare_save(self.ckpt_root, self.step)
-        save_weights(self.model, tmp / "model")
-        ckpt.fault_point("save", self.step)
-        engine.save_checkpoint(str(tmp / "optimizer"), tag="zero", save_latest=False, exclude_frozen_parameters=True)
-        (tmp / "rng").mkdir(exist_ok=True)
-        ckpt.save_rng(tmp / "rng" / f"rank_{self.rank:05d}.pt")
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
-            (tmp / "data").mkdir(exist_ok=True)
-            state = loader.state_dict()
-            (tmp / "data" / f"dp_{ps.get_data_parallel_rank():05d}.json").write_text(json.dumps(state))
-        if self.rank == 0:
-            (tmp / "trainer.json").write_text(json.dumps(self.trainer_state(), indent=1))
-            (tmp / "config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
-            shutil.copytree(tokenizer_path, tmp / "tokenizer")
-        protected = {ckpt.step_dir_name(self.cfg.train.steps)}
-        final = ckpt.commit_save(self.ckpt_root, tmp, self.step, self.cfg.checkpoint.keep, protected)
-        if self.rank == 0:
-            size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
-            self.log(f"saved checkpoint {final} ({size / 1e6:.1f} MB in {time.perf_counter() - started:.1f}s)")
-        return final
-
-    def trainer_state(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
-                "wandb_run_id": self.run_id, "stage": self.cfg.stage.name,
-                "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}}
-
-    def resume_point(self) -> Path | None:
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            return None
-        if mode != "auto":
-            path = Path(mode)
-            problem = ckpt.verify(path)
-            if problem:
-                raise ConfigError(f"checkpoint.resume={path} is not usable: {problem}")
-            return path
-        return ckpt.find_resumable(self.ckpt_root, self.log)
-
-    def restore_weights(self, path: Path) -> dict:
-        """Weights of a resumed run (they reshard to this layout); returns the trainer state.
-        Runs BEFORE DeepSpeed is built: ZeRO copies the trainable weights into its fp32 master
-        partitions at initialisation, and any weight loaded later would be overwritten at the
-        first step."""
-        self._restore_started = time.perf_counter()
-        state = json.loads((path / "trainer.json").read_text())
-        saved = state["layout"]
-        same_layout = saved == {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp}
-        if self.cfg.checkpoint.load_optimizer and not same_layout:
-            raise ConfigError(
-                f"{path} was saved at TP{saved['tp']}xPP{saved['pp']}xDP{saved['dp']}, this run is {self.layout}: "
-                "the weights reshard, the ZeRO optimizer state does not; set checkpoint.load_optimizer=false "
-                "to continue with a fresh optimizer")
-        if saved["dp"] != self.layout.dp:
-            raise ConfigError(f"{path} holds data-loader state for DP={saved['dp']}, this run has DP={self.layout.dp}: "
-                              "redistribute it with `energon checkpoint redist` or start the data from scratch")
-        load_weights(self.model, path / "model")
-        return state
-
-    def restore_state(self, path: Path, state: dict, engine, loader) -> None:
-        """Optimizer, LR schedule, RNG, data position and counters of a resumed run."""
-        if self.cfg.checkpoint.load_optimizer:
-            load_optimizer_state(engine, str(path / "optimizer"))
-            ckpt.load_rng(path / "rng" / f"rank_{self.rank:05d}.pt")
-        else:  # a fresh optimizer continues the LR schedule where the run was
-            for _ in range(state["step"]):
-                engine.lr_scheduler.step()
-        data_state = path / "data" / f"dp_{ps.get_data_parallel_rank():05d}.json"
-        loader.load_state_dict(json.loads(data_state.read_text()))
-        self.step, self.consumed_samples = state["step"], state["consumed_samples"]
-        self.skipped_steps, self.run_id = state["skipped_steps"], state["wandb_run_id"]
-        self.log(f"resumed from {path} at step {self.step} (resume took {time.perf_counter() - self._restore_started:.1f}s)")
-
     # ------------------------------------------------------------------------------------ loop
 
     def _on_signal(self, signum, frame) -> None:
@@ -266,31 +187,32 @@ class Trainer:
         # first step boundary (with a checkpoint) instead of killing it.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        # Weights first, optimizer second (see restore_weights).
-        resume = self.resume_point()
+        # Weights first, optimizer second (pretrain/checkpoint/manager.py says why).
+        resume = self.checkpoints.resume_point()
         weights = self.initial_weights() if resume is None else None
         self.model = self.build_model(init_weights=resume is None and weights is None)
         if resume is not None:
-            resumed = self.restore_weights(resume)
+            self.checkpoints.restore_weights(self.model, resume)
         elif weights is not None:
             load_weights(self.model, weights)
             self.log(f"initial weights from {weights.parent}")
         engine, scheduler = build_engine(self.model, cfg.optim, cfg.train.steps, cfg.train.micro_batch_size,
                                          layout.num_microbatches, bf16=self.dtype() == torch.bfloat16)
         loader = self.build_loader(tokenizer_path)
+        progress = self.progress
         if resume is not None:
-            self.restore_state(resume, resumed, engine, loader)
-        if not self.run_id:
-            self.run_id = self._shared_run_id()
-        metrics = Metrics(cfg, self.run_dir, self.rank == 0, self.run_id, dist.get_world_size())
-        self.log(f"training {cfg.stage.name} at {layout} from step {self.step} to {cfg.train.steps}: "
+            progress = self.progress = self.checkpoints.restore_state(resume, engine, loader)
+        if not progress.wandb_run_id:
+            progress.wandb_run_id = self._shared_run_id()
+        metrics = Metrics(cfg, self.run_dir, self.rank == 0, progress.wandb_run_id, dist.get_world_size())
+        self.log(f"training {cfg.stage.name} at {layout} from step {progress.step} to {cfg.train.steps}: "
                  f"{layout.num_microbatches} micro-batches of {cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens per DP rank")
         batches = iter(loader)
         interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
         metrics.start_interval()
         exit_code = 0
         try:
-            while self.step < cfg.train.steps:
+            while progress.step < cfg.train.steps:
                 host = [next(batches) for _ in range(layout.num_microbatches)]
                 micro = [self._to_device(b) for b in host]
                 loss = forward_backward(self.model, micro, cfg.stage.loss_reduction, grad_scale=layout.dp)
@@ -306,44 +228,44 @@ class Trainer:
                 else:
                     engine.zero_grad()
                     self.model.zero_grad(set_to_none=True)
-                    self.skipped_steps += 1
+                    progress.skipped_steps += 1
                     self.skipped_in_a_row += 1
                     grad_norm = float("nan")
-                    self.log(f"step {self.step + 1}: non-finite loss or gradients, update skipped "
+                    self.log(f"step {progress.step + 1}: non-finite loss or gradients, update skipped "
                              f"({self.skipped_in_a_row} in a row)")
                     if self.skipped_in_a_row >= cfg.train.max_skipped_steps:
                         raise NonFiniteError(f"{self.skipped_in_a_row} non-finite steps in a row (train.max_skipped_steps): "
                                              "stopping without writing a checkpoint of these weights")
                 self.model.zero_grad(set_to_none=True)
-                self.step += 1
+                progress.step += 1
                 tokens, images, samples, fill = self._step_counts(host)
-                self.consumed_samples += samples
+                progress.consumed_samples += samples
                 interval["tokens"] += tokens
                 interval["samples"] += samples
                 interval["flops"] += 3 * forward_flops(cfg.model, tokens, cfg.train.seq_len, images)
                 interval["fill"] += fill
                 interval["steps"] += 1
-                if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
+                if progress.step % cfg.log.every == 0 or progress.step == cfg.train.steps:
                     stats = loader.stats() if hasattr(loader, "stats") else {}
-                    metrics.log(self.step, {
+                    metrics.log(progress.step, {
                         "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                        "pack_fill": interval["fill"] / interval["steps"], "skipped_steps": self.skipped_steps,
+                        "pack_fill": interval["fill"] / interval["steps"], "skipped_steps": progress.skipped_steps,
                         "skipped_samples": int(stats.get("skipped_samples", 0)),
-                        "consumed_samples": self.consumed_samples,
+                        "consumed_samples": progress.consumed_samples,
                     }, interval["tokens"], interval["samples"], interval["flops"], interval["steps"])
                     interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
                 stop = self._stop_requested()
-                if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
-                    self.save(engine, loader, tokenizer_path)
-                if stop and self.step < cfg.train.steps:
-                    self.log(f"signal {self.stop_signal or 'on a peer rank'}: checkpoint written at step {self.step}; "
+                if stop or progress.step % cfg.checkpoint.every == 0 or progress.step == cfg.train.steps:
+                    self.checkpoints.save(progress, self.model, engine, loader, tokenizer_path)
+                if stop and progress.step < cfg.train.steps:
+                    self.log(f"signal {self.stop_signal or 'on a peer rank'}: checkpoint written at step {progress.step}; "
                              f"exiting with {REQUEUE_EXIT_CODE} so the job can be requeued")
                     exit_code = REQUEUE_EXIT_CODE
                     break
         finally:
             metrics.close()
         if exit_code == 0:
-            self.log(f"done: {cfg.train.steps} steps of {cfg.stage.name}; checkpoints in {self.ckpt_root}")
+            self.log(f"done: {cfg.train.steps} steps of {cfg.stage.name}; checkpoints in {self.checkpoints.root}")
         return exit_code
 
     def _shared_run_id(self) -> str:

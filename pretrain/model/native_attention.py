@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.native_rope import swap_halves
 from pretrain.model.norm import RMSNorm
@@ -149,9 +150,11 @@ class NativeSelfAttention(MegatronModule):
     micro-batch by the model) and the native mask from ``attention_mask`` (the additive
     ``native_attention_bias``; None: plain causal)."""
 
-    def __init__(self, config, submodules: NativeAttentionSubmodules, layer_number: int, **unused):
+    def __init__(self, config, submodules: NativeAttentionSubmodules, layer_number: int,
+                 checkpoint_core_attention: bool = False, **unused):
         super().__init__(config=config)
         self.layer_number = layer_number
+        self.checkpoint_core_attention = checkpoint_core_attention
         tp = parallel_state.get_tensor_model_parallel_world_size()
         d = self.head_dim = config.kv_channels
         self.group = config.num_attention_heads // config.num_query_groups
@@ -200,5 +203,11 @@ class NativeSelfAttention(MegatronModule):
             qkv.view(s, b, self.nkv, g + 2, d), qk_hw.view(s, b, self.nkv, g + 1, d), self._qk_norm_weight(),
             rotary_pos_cos.unsqueeze(2), rotary_pos_sin.unsqueeze(2), self.q_layernorm.eps,
         )
-        context = core_attention(q, k, v, attention_mask, 1.0 / math.sqrt(d))
+        scale = 1.0 / math.sqrt(d)
+        if self.checkpoint_core_attention and self.training and torch.is_grad_enabled():
+            # Selective recompute: backward keeps q, k, v and the shared mask, and runs the kernel
+            # again instead of keeping what it saves (output and softmax statistics, or s*s scores).
+            context = checkpoint(core_attention, q, k, v, attention_mask, scale, use_reentrant=False)
+        else:
+            context = core_attention(q, k, v, attention_mask, scale)
         return self.linear_proj(context)  # (output, bias=None): what TransformerLayer expects

@@ -7,7 +7,8 @@ Pipeline stage by stage (a stage may be all of them):
   last:   final norm -> LM head (tied to the embeddings across stages if configured) ->
           per-token cross-entropy (the weighting and normalisation are pretrain/model/loss.py's)
 Every decoder layer, pre-Buffer and post-LLM alike, is megatron's TransformerLayer with
-NativeSelfAttention plugged in through the spec.
+NativeSelfAttention plugged in through the spec (with ``recompute="full"``, its recomputing
+subclass RecomputedTransformerLayer).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import init_method_normal
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.batch import NeoBatch
 from pretrain.model.config import NeoModelConfig
@@ -41,15 +43,54 @@ from pretrain.model.positions import native_attention_bias, native_positions
 from pretrain.model.vision_embed import VisionEmbedding
 
 
-def layer_spec() -> ModuleSpec:
-    """One NEO decoder layer: Qwen3's pre-norm block with native attention."""
+RECOMPUTE = ("none", "selective", "full")  # what backward recomputes instead of keeping (layer_spec)
+
+
+class RecomputedTransformerLayer(TransformerLayer):
+    """megatron's TransformerLayer that keeps only its input for backward and runs again there.
+
+    Not megatron's ``recompute_granularity="full"``: its ``TransformerBlock._checkpointed_forward``
+    drops ``rotary_pos_cos/sin``, where NEO's attention reads the Native-RoPE tables. Here torch's
+    non-reentrant checkpoint wraps the whole call, so the recompute gets every argument the forward
+    got (tables and mask included) and works whether or not the input or the weights need grad
+    (frozen stage-1 layers). Collectives inside the layer (TP reductions, SP gathers and scatters)
+    run again in backward; every TP rank recomputes the same layers in the same order, so they pair.
+    RNG: the recompute runs in backward, outside the CUDA RNG tracker fork that TransformerBlock
+    opens around its layers with SP, and checkpoint restores only torch's default generators, not
+    the tracker's states (megatron's own CheckpointFunction does). So a dropout drawn inside the
+    layer could differ in the recompute. Nothing in a NEO layer draws random numbers (no dropout,
+    checked in __init__), so the recompute is the forward, bit for bit.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        if config.hidden_dropout or config.attention_dropout:
+            raise ValueError("full recompute needs hidden_dropout = attention_dropout = 0 (the RNG tracker "
+                             "is not restored for the recompute)")
+        super().__init__(config, *args, **kwargs)
+
+    def forward(self, hidden_states, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, hidden_states, use_reentrant=False, **kwargs)
+        return super().forward(hidden_states, **kwargs)
+
+
+def layer_spec(recompute: str = "none") -> ModuleSpec:
+    """One NEO decoder layer: Qwen3's pre-norm block with native attention.
+
+    ``recompute``: ``none`` keeps every activation backward needs; ``selective`` recomputes the
+    core attention (its kernel's saved state: output and softmax statistics, or the s*s scores of
+    an unfused kernel); ``full`` keeps only each layer's input (RecomputedTransformerLayer).
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r} is not one of {', '.join(RECOMPUTE)}")
     return ModuleSpec(
-        module=TransformerLayer,
+        module=RecomputedTransformerLayer if recompute == "full" else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
                 module=NativeSelfAttention,
-                params={"attn_mask_type": AttnMaskType.arbitrary},
+                params={"attn_mask_type": AttnMaskType.arbitrary,
+                        "checkpoint_core_attention": recompute == "selective"},
                 submodules=NativeAttentionSubmodules(),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -75,7 +116,8 @@ def transformer_config(
     Weights are initialised on CPU in full and then split (``use_cpu_initialization``), which makes
     a random init identical across TP layouts; every Linear, output projections included, is
     N(0, init_std) as the reference initialises the pre-Buffer. ``init_weights=False`` skips the
-    random init when every weight is about to be loaded (minutes saved at 9B).
+    random init when every weight is about to be loaded (minutes saved at 9B) and allocates
+    megatron's weights straight on the current device instead of on the host.
     """
     init = init_method_normal(model.init_std)
     layout = None
@@ -109,7 +151,7 @@ def transformer_config(
         pipeline_model_parallel_size=pp,
         pipeline_model_parallel_layout=layout,
         sequence_parallel=sequence_parallel,
-        use_cpu_initialization=True,
+        use_cpu_initialization=init_weights,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -122,7 +164,7 @@ class NeoModel(LanguageModule):
     """NEO for one pipeline stage of the current megatron layout."""
 
     def __init__(self, config: TransformerConfig, neo: NeoModelConfig, pre_process: bool | None = None,
-                 post_process: bool | None = None):
+                 post_process: bool | None = None, recompute: str = "none"):
         super().__init__(config=config)
         self.neo = neo
         self.pre_process = parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process
@@ -145,7 +187,7 @@ class NeoModel(LanguageModule):
             if config.perform_initialization:
                 self.vision.reset_parameters(neo.init_std)
 
-        spec = layer_spec()
+        spec = layer_spec(recompute)
         self.decoder = TransformerBlock(
             config,
             TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm),

@@ -2,7 +2,8 @@
 implementation, and against itself at other layouts; plus HF conversion and stage-1 roles.
 
 Two launches serve every test here: one process (the references, at TP1PP1) and four processes
-(TP2PP2, TP2xDP2, PP2xDP2, DP4). Everything runs in fp32 on CPU.
+(TP2PP2, TP2xDP2, PP2xDP2, DP4; the recompute modes at TP2PP2 with sequence parallelism).
+Everything runs in fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ GRAD_PARAMS = [
     "decoder.final_layernorm.weight",
 ]
 STAGE1_ROLES = ("vision", "pre_buffer", "post_llm_hw")
+STAGE1_TRAINED = {  # the GRAD_PARAMS that stage 1 trains (the pre-Buffer is layers 0 and 1)
+    "vision.patch_embedding.weight",
+    "decoder.layers.0.self_attention.linear_qkv.weight",
+    "decoder.layers.1.self_attention.q_layernorm_h.weight",
+    "decoder.layers.3.self_attention.linear_qk_hw.weight",
+}
+RECOMPUTE = ("none", "selective", "full")
 LAYOUTS = [(2, 2), (2, 1), (1, 2), (1, 1)]
 SP = (2, 2, "sp")  # TP2PP2 with sequence parallelism
 UNEVEN = (1, 2, "split")  # PP2 with 3 + 1 layers (parallel.pipeline_split)
@@ -60,11 +68,11 @@ def _mm_rows():
 # ---------------------------------------------------------------------------------- rank bodies
 
 
-def _build(neo, tp, pp, init=False, sp=False, split=()):
+def _build(neo, tp, pp, init=False, sp=False, split=(), recompute="none"):
     from pretrain.model.neo import NeoModel, transformer_config
 
     return NeoModel(transformer_config(neo, tp=tp, pp=pp, init_weights=init, sequence_parallel=sp,
-                                       pipeline_split=split), neo)
+                                       pipeline_split=split), neo, recompute=recompute)
 
 
 def _full_grads(model, names):
@@ -191,6 +199,19 @@ def _layouts_body(work: str):
         trainable_still = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
         out["roles"] = {"frozen_moved": frozen_moved, "trainable_still": trainable_still, "counts": counts,
                         "numel": sum(p.numel() for p in model.parameters()), "stage": ps.get_pipeline_model_parallel_rank()}
+
+    # Activation recompute at TP2PP2 with sequence parallelism, all trainable and stage 1.
+    with runtime.model_parallel(2, 2, seed=11):
+        for mode in RECOMPUTE:
+            model = _build(RANDOM_NEO, 2, 2, sp=True, recompute=mode)
+            load_weights(model, work / "random" / "model")
+            for trainable in ("all", "stage1"):
+                if trainable == "stage1":
+                    set_trainable(model, STAGE1_ROLES)
+                model.zero_grad(set_to_none=True)
+                loss = forward_backward(model, [collate([r]) for r in rows])
+                finalize_grads(model)
+                out["recompute", mode, trainable] = {"loss": loss, "grads": _full_grads(model, GRAD_PARAMS)}
     return out
 
 
@@ -334,6 +355,29 @@ def test_layouts_match_tp1pp1(reference, layouts):
         assert seen == set(GRAD_PARAMS), (layout, set(GRAD_PARAMS) - seen)
     assert {r[UNEVEN]["stage_layers"] for r in layouts} == {(0, 3), (1, 1)}
     print(f"loss {reference['mm_loss']:.6f} equal at TP1PP1, TP2PP2, TP2xDP2, PP2xDP2, DP4, TP2PP2+SP, PP2 split 3+1")
+
+
+def test_recompute_tp2pp2_sp(reference, layouts):
+    """``selective`` and ``full`` recompute against ``none`` at TP2PP2 with sequence parallelism
+    (collectives inside the recomputed layers), all trainable and with the stage-1 freezing: the
+    same loss and gradients bit for bit. ``none`` itself against TP1PP1 within the tolerances of
+    test_layouts_match_tp1pp1 (stage 1: the trainable gradients are those of the full model)."""
+    for trainable in ("all", "stage1"):
+        seen = set()
+        for r in layouts:
+            base = r["recompute", "none", trainable]
+            assert base["loss"] is None or base["loss"] == pytest.approx(reference["mm_loss"], rel=1e-6)
+            for name, g in base["grads"].items():
+                ref = reference["mm_grads"][name]
+                assert (g - ref).abs().max().item() < 1e-5 * ref.abs().max().item(), (trainable, name)
+                seen.add(name)
+            for mode in ("selective", "full"):
+                other = r["recompute", mode, trainable]
+                assert other["loss"] == base["loss"], (mode, trainable, other["loss"], base["loss"])
+                assert other["grads"].keys() == base["grads"].keys(), (mode, trainable)
+                for name, g in base["grads"].items():
+                    assert torch.equal(other["grads"][name], g), (mode, trainable, name)
+        assert seen == (set(GRAD_PARAMS) if trainable == "all" else STAGE1_TRAINED), (trainable, seen)
 
 
 @pytest.mark.slow
