@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TEMPLATE = Path(__file__).with_name("job.sbatch.in")
+GPU_CHECK_TEMPLATE = Path(__file__).with_name("gpu_check.sbatch.in")
 
 # pretrain.trainer.REQUEUE_EXIT_CODE (a test keeps the two equal; importing the trainer here would
 # pull in megatron-core just to read a constant).
@@ -50,7 +51,7 @@ class JobSpec:
         return self.run_dir / "slurm-%j.out"
 
 
-def _directives(spec: JobSpec) -> list[str]:
+def _directives(spec: JobSpec, requeue: bool = True) -> list[str]:
     lines = [
         f"--job-name={spec.job_name or 'neo-' + spec.stage}",
         f"--nodes={spec.nodes}",
@@ -65,12 +66,9 @@ def _directives(spec: JobSpec) -> list[str]:
         lines.append(f"--partition={spec.partition}")
     if spec.account:
         lines.append(f"--account={spec.account}")
-    lines += [
-        f"--output={spec.log_pattern}",
-        "--open-mode=append",
-        "--requeue",
-        f"--signal=B:USR1@{spec.signal_lead_s}",
-    ]
+    lines += [f"--output={spec.log_pattern}", "--open-mode=append"]
+    if requeue:
+        lines += ["--requeue", f"--signal=B:USR1@{spec.signal_lead_s}"]
     lines += list(spec.extra_sbatch)
     return [f"#SBATCH {line}" for line in lines]
 
@@ -117,8 +115,21 @@ def render(spec: JobSpec) -> str:
         "requeue_exit_code": str(REQUEUE_EXIT_CODE),
     }
 
-    def fill(match: re.Match) -> str:
-        return fields[match.group(1)]
+    return _fill(TEMPLATE, fields)
 
-    text = re.sub(r"\{\{(\w+)\}\}", fill, TEMPLATE.read_text())
-    return text
+
+def render_gpu_check(spec: JobSpec) -> str:
+    """The one-node job that runs ``make gpu-check``'s tests on the allocated GPUs (no requeue: a
+    check that dies is a result, not something to retry)."""
+    return _fill(GPU_CHECK_TEMPLATE, {
+        "script": shlex.quote(str(spec.script_path)),
+        "run_dir": shlex.quote(str(spec.run_dir)),
+        "directives": "\n".join(_directives(spec, requeue=False)),
+        "repo": shlex.quote(str(spec.repo)),
+        "env": "\n".join(_env(spec)),
+        "python": shlex.quote(spec.python),
+    })
+
+
+def _fill(template: Path, fields: dict[str, str]) -> str:
+    return re.sub(r"\{\{(\w+)\}\}", lambda match: fields[match.group(1)], template.read_text())

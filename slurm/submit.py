@@ -24,6 +24,9 @@ Options:
                    stage k-1 (init.checkpoint). Overrides prefixed with a stage name
                    (``stage3_sft.data.path=...``) apply to that stage only; init.* overrides apply
                    to stage 1 only.
+  --gpu-check      instead of training: one node runs `make gpu-check`'s tests (pytest -m gpu) on
+                   cluster.gpus_per_node GPUs (2+ adds the TP2 case), no requeue, 30 minutes;
+                   results in RUN_DIR (default runs/gpu-check): table.md, each run's log and metrics
   --cpu            a CPU cluster: cluster.gpus_per_node is the number of training processes per
                    node, no GPUs are requested, training uses gloo
   --sbatch-arg ARG an extra #SBATCH line for site specifics (repeatable), e.g.
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slurm.jobs import SlurmError, append_record, now, run_command
-from slurm.render import JobSpec, render
+from slurm.render import JobSpec, render, render_gpu_check
 
 STAGES = ("stage1_prebuffer", "stage2_midtrain", "stage3_sft")
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +141,27 @@ def plan_job(overrides: list[str], args: argparse.Namespace, run_dir: Path | Non
     return PlannedJob(spec=spec, steps=cfg.train.steps, checkpoint_root=ckpt_root, script=render(spec))
 
 
+def plan_gpu_check(overrides: list[str], args: argparse.Namespace) -> PlannedJob:
+    """The GPU-check job: only ``run_dir`` and ``cluster.*`` of the overrides matter."""
+    from pretrain.config import compose
+
+    ConfigError = _config_error()
+    if args.pipeline or args.cpu:
+        raise ConfigError("--gpu-check runs on one GPU node: drop --pipeline and --cpu")
+    if not any(override_key(o) == "run_dir" for o in overrides):
+        overrides = [*overrides, "run_dir=runs/gpu-check"]
+    cfg = compose(overrides)
+    check_cluster(cfg.cluster)
+    run_dir = Path(os.path.abspath(cfg.run_dir))
+    spec = JobSpec(
+        stage="gpu-check", run_dir=run_dir, train_overrides=(), nodes=1, procs_per_node=cfg.cluster.gpus_per_node,
+        gpu=True, time="00:30:00", partition=cfg.cluster.partition, account=cfg.cluster.account,
+        cpus_per_task=cfg.cluster.cpus_per_task, max_restarts=0, python=sys.executable, repo=REPO,
+        workdir=REPO, extra_sbatch=tuple(args.sbatch_arg), job_name="neo-gpu-check",
+    )
+    return PlannedJob(spec=spec, steps=0, checkpoint_root=run_dir, script=render_gpu_check(spec))
+
+
 def split_stage_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     common, per_stage = [], {name: [] for name in STAGES}
     for override in overrides:
@@ -153,6 +177,8 @@ def split_stage_overrides(overrides: list[str]) -> tuple[list[str], dict[str, li
 
 def plan(args: argparse.Namespace) -> list[PlannedJob]:
     ConfigError = _config_error()
+    if args.gpu_check:
+        return [plan_gpu_check(args.overrides, args)]
     common, per_stage = split_stage_overrides(args.overrides)
     if not args.pipeline:
         if any(per_stage.values()):
@@ -246,6 +272,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
     parser.add_argument("--pipeline", action="store_true", help="chain stage 1 -> 2 -> 3 with afterok")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="run the GPU check (make gpu-check's tests) on one GPU node instead of training")
     parser.add_argument("--cpu", action="store_true",
                         help="CPU cluster: cluster.gpus_per_node = training processes per node, gloo")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",

@@ -187,3 +187,25 @@ def test_template_has_no_unfilled_fields(tmp_path, capsys):
                             "cluster.time=10", "cluster.signal_lead_s=60"]) == 0
     assert "{{" not in capsys.readouterr().out
     assert Path(submit_mod.__file__).with_name("job.sbatch.in").is_file()
+
+
+def test_gpu_check_dry_run_is_one_gpu_node_running_the_gpu_tests(tmp_path, capsys):
+    run_dir = tmp_path / "check"
+    assert submit_mod.main(["--dry-run", "--gpu-check", f"run_dir={run_dir}", "cluster.gpus_per_node=2",
+                            "cluster.partition=gpu", "cluster.account=neo", "--sbatch-arg=--qos=debug"]) == 0
+    [(command, script)] = scripts_of(capsys.readouterr().out)
+    assert command == f"# would run: sbatch --parsable {run_dir}/job.sbatch"
+    assert not run_dir.exists(), "--dry-run must not write anything"
+    assert "{{" not in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0, "script is not valid bash"
+    assert sbatch_lines(script) == [
+        "--job-name=neo-gpu-check", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=2", "--time=00:30:00",
+        "--partition=gpu", "--account=neo", f"--output={run_dir}/slurm-%j.out", "--open-mode=append",
+        "--qos=debug",
+    ]  # no --requeue, no warning signal: a check that dies is a result
+    pytest_argv = command_of(script, submit_mod.sys.executable)
+    assert pytest_argv[1:] == ["-m", "pytest", "-m", "gpu", "-rs", f"--basetemp={run_dir}/tmp"]
+    assert f"cd {REPO}" in script and f"export NEO_GPU_CHECK_OUT={run_dir}" in script
+    # Refused with one line: a pipeline or a CPU cluster makes no sense for it.
+    assert submit_mod.main(["--dry-run", "--gpu-check", "--cpu"]) == 2
+    assert "drop --pipeline and --cpu" in capsys.readouterr().err
