@@ -6,14 +6,17 @@ inside one spawned rank (NCCL, megatron layout TP1PP1), for seq 8k and 16k, batc
 - text: ``NeoModel`` with neo_2b's layer shapes and no pre-Buffer (all 40 layers native
   attention) against ``Qwen3ForCausalLM`` of identical shapes and weights (sdpa);
 - multimodal: the real neo_2b layout (12 pre-Buffer + 28 post-LLM layers, patch embedding) on
-  packed rows of caption documents with images (ours only);
+  packed rows of caption documents with images (ours only), at seq 8k, 16k and 32k, with full
+  activation recompute: the path packed training takes, attention through FlexAttention with the
+  native block mask. A step whose attention ran any other kernel (a dense or math fallback) fails
+  the case loudly instead of reporting its numbers;
 - a 4-layer slice of neo_9b's shapes (text, ours vs transformers).
 When a model does not fit, the same shapes are retried with fewer layers (8, then 4) and the
 result says how many layers ran. Reported per case: tokens/s (median of interleaved steps), MFU
-against ``--peak-tflops`` (989: H100/H200 dense bf16) with our FLOPs from
-``pretrain.metrics.forward_flops`` and the baseline's from ``torch.utils.flop_counter`` (it has
-no NEO architecture to count), the attention kernels seen in a profiler trace, and the memory
-high-water mark of each model's step (its weights + the step's peak).
+against ``--peak-tflops`` (989: H100/H200 dense bf16) on useful FLOPs (``pretrain.flops.step_flops``:
+allowed attention pairs, supervised LM-head tokens) and the baseline's from
+``torch.utils.flop_counter`` (it has no NEO architecture to count), the attention kernels seen in a
+profiler trace, and the memory high-water mark of each model's step (its weights + the step's peak).
 
     python -m bench.gpu [--quick] [--peak-tflops 989]
     python -m bench.gpu --cpu-dry-run     # the same code on CPU at toy sizes (checks the code path)
@@ -90,7 +93,8 @@ def _measure(label: str, neo, seq: int, text: bool, dtype, device: str, repeats:
     from bench.batches import counts, multimodal_batch, text_batch
     from bench.model_step import build_neo, ours_step, qwen3_twin, twin_step
     from bench.timing import interleaved, median
-    from pretrain.metrics import forward_flops
+    from pretrain.flops import step_flops
+    from pretrain.model.roles import ROLES
 
     def released(step, module):
         def call():
@@ -99,7 +103,7 @@ def _measure(label: str, neo, seq: int, text: bool, dtype, device: str, repeats:
             _sync(device)
         return call
 
-    model = build_neo(neo, dtype=dtype, device=device, init=False)
+    model = build_neo(neo, dtype=dtype, device=device, init=False, recompute="none" if text else "full")
     if text:
         twin = qwen3_twin(model, neo, dtype, device)
         batch = text_batch(1, seq, neo.vocab_size, seed=1).to(device)
@@ -111,11 +115,14 @@ def _measure(label: str, neo, seq: int, text: bool, dtype, device: str, repeats:
         candidates = {"ours": released(ours_step(model, batch), model)}
     real, image = counts(batch)
     secs = interleaved(candidates, repeats, warmup)
-    flops = 3 * forward_flops(neo, real, seq, image)
+    flops = step_flops(neo, [batch], ROLES).total
     ours_t = median(secs["ours"])
     ours_mfu = flops / ours_t / (peak_tflops * 1e12)
     mem = {k: _step_memory_gb(step, device) for k, step in candidates.items()}
     paths = {k: _attention_path(step, device) for k, step in candidates.items()}
+    if device == "cuda" and not text and not paths["ours"].startswith("FlexAttention"):
+        raise RuntimeError(f"{label} s{seq}: the packed multimodal step ran attention as {paths['ours']}, not "
+                           "FlexAttention with the native block mask: a dense or math fallback, not a result")
     weights = {"ours": _param_gb(model), **({"hf": _param_gb(twin)} if twin is not None else {})}
     layers = f"{neo.pre_buffer_layers}+{neo.post_llm_layers} layers" if neo.pre_buffer_layers else f"{neo.num_layers} layers"
     where = f"{label} ({layers}) s{seq} b1 {str(dtype).removeprefix('torch.')}"
@@ -134,7 +141,7 @@ def _measure(label: str, neo, seq: int, text: bool, dtype, device: str, repeats:
         ))
         out.append(Result(
             name=f"gpu/MFU text {where}", value=ours_mfu, unit=f"of {peak_tflops:.0f} TFLOP/s", baseline_value=hf_mfu,
-            notes=(f"ours: forward_flops ({flops / 1e12:.1f} TFLOP/step); transformers: torch FlopCounterMode "
+            notes=(f"ours: step_flops ({flops / 1e12:.1f} useful TFLOP/step); transformers: torch FlopCounterMode "
                    f"({hf_flops / 1e12:.1f} TFLOP/step executed; ours executed {ours_exec / 1e12:.1f})"),
         ))
         out.append(Result(
@@ -146,7 +153,8 @@ def _measure(label: str, neo, seq: int, text: bool, dtype, device: str, repeats:
     else:
         out.append(Result(
             name=f"gpu/multimodal fwd+bwd {where}", value=real / ours_t, unit="tokens/s",
-            notes=(f"MFU {100 * ours_mfu:.1f}% of {peak_tflops:.0f} TFLOP/s (forward_flops); {image} image tokens in "
+            notes=(f"MFU {100 * ours_mfu:.1f}% of {peak_tflops:.0f} TFLOP/s on useful FLOPs (step_flops); full "
+                   f"recompute; {image} image tokens in "
                    f"{batch.image_grids.shape[0]} images, fill {real / seq:.2f}; attention {paths['ours']}; memory "
                    f"high-water {weights['ours'] + mem['ours']:.1f} GB (weights {weights['ours']:.1f}); {common}"),
         ))
@@ -181,7 +189,7 @@ def cases(quick: bool):
     seqs = (1024,) if quick else (8192, 16384)
     text_2b = replace(neo2b, pre_buffer_layers=0, post_llm_layers=2 if quick else neo2b.num_layers)
     out = [("neo_2b-shape", text_2b, seq, True) for seq in seqs]
-    out += [("neo_2b", _slice(neo2b, 4) if quick else neo2b, seqs[0], False)]
+    out += [("neo_2b", _slice(neo2b, 4) if quick else neo2b, seq, False) for seq in (seqs if quick else (8192, 16384, 32768))]
     out += [("neo_9b-shape slice", replace(neo9b, pre_buffer_layers=0, post_llm_layers=2 if quick else 4), seq, True)
             for seq in seqs]
     return out
@@ -205,7 +213,8 @@ def _rank_body(case_list, dtype_name: str, device: str, repeats: int, warmup: in
 def run(quick: bool = False, peak_tflops: float = PEAK_TFLOPS) -> list[Result]:
     if not torch.cuda.is_available():
         reason = ("torch.cuda.is_available() is False: no GPU on this machine; run `make bench` on a GPU node "
-                  "(same script: bf16, neo_2b shapes, seq 8k/16k)")
+                  "(same script: bf16, neo_2b shapes, text at seq 8k/16k, packed multimodal with FlexAttention "
+                  "at 8k/16k/32k)")
         if quick:  # the smoke test: run the code path on CPU at toy sizes; its numbers mean nothing
             cpu_dry_run()
             reason += "; --quick ran its code path on CPU at toy sizes"

@@ -8,7 +8,7 @@ weights, fp32, and the medians are printed side by side:
                 no mask, as the model runs it)
                 vs Qwen3Attention (sdpa, causal)
     core attn   the attention kernel alone: our ``core_attention`` vs SDPA(is_causal) on head_dim
-    core mask   our ``core_attention`` with the native mask (its additive bias) vs with none (the
+    core mask   our ``core_attention`` with the native mask (a ``NativeMask``) vs with none (the
                 causal fast path for plain text, ``NeoBatch.causal``; the "qwen3" column is that path)
     mlp         megatron MLP (fused gate|up) vs Qwen3MLP
     layer       a whole decoder layer (megatron TransformerLayer) vs Qwen3DecoderLayer
@@ -37,7 +37,8 @@ def _body(rows: int, seq: int, repeats: int, threads: int, model_name: str = "h5
     from pretrain.distributed import runtime
     from pretrain.model.native_attention import core_attention
     from pretrain.model.native_rope import native_rope_cos_sin
-    from pretrain.model.positions import native_attention_bias, native_positions
+    from pretrain.model.masked_attention import NativeMask
+    from pretrain.model.positions import native_positions
 
     torch.set_num_threads(threads)
     neo = cpu_medium(0) if model_name == "h512" else replace(preset(model_name), pre_buffer_layers=0)
@@ -55,7 +56,7 @@ def _body(rows: int, seq: int, repeats: int, threads: int, model_name: str = "h5
         positions = native_positions(batch.doc_ids, batch.image_ids, batch.image_grids)
         cos, sin = native_rope_cos_sin(positions, neo.head_dim, neo.rope_theta, neo.rope_theta_hw)
         # as NeoModel.forward
-        mask = None if batch.causal else native_attention_bias(batch.doc_ids, batch.image_ids, x_sbh.dtype)
+        mask = None if batch.causal else NativeMask.build(batch.doc_ids, batch.image_ids)
         pos_ids = torch.arange(seq)[None].expand(rows, seq)
         rope = twin.model.rotary_emb(x_bsh, pos_ids)
         ours_layer, their_layer = model.decoder.layers[0], twin.model.layers[0]
@@ -86,8 +87,7 @@ def _body(rows: int, seq: int, repeats: int, threads: int, model_name: str = "h5
                                                                     enable_gqa=True), qh, kh, vh)),
             # What the causal fast path saves: the same kernel with the native mask (a packed batch)
             # against without it (NeoBatch.causal). Not a Qwen3 comparison.
-            "core mask": (fb(lambda: core_attention(q2, k2, v1, native_attention_bias(batch.doc_ids, batch.image_ids,
-                                                                                       q2.dtype), scale),
+            "core mask": (fb(lambda: core_attention(q2, k2, v1, NativeMask.build(batch.doc_ids, batch.image_ids), scale),
                              q2, k2, v1),
                           fb(lambda: core_attention(q2, k2, v1, None, scale), q2, k2, v1)),
             "mlp": (fb(lambda: ours_layer.mlp(x_sbh), x_sbh), fb(lambda: their_layer.mlp(x_bsh), x_bsh)),
@@ -119,7 +119,7 @@ def _body(rows: int, seq: int, repeats: int, threads: int, model_name: str = "h5
         def mask_rope():
             p = native_positions(batch.doc_ids, batch.image_ids, batch.image_grids)
             native_rope_cos_sin(p, neo.head_dim, neo.rope_theta, neo.rope_theta_hw)
-            native_attention_bias(batch.doc_ids, batch.image_ids, x_sbh.dtype)
+            NativeMask.build(batch.doc_ids, batch.image_ids)
 
         secs = interleaved({"ours": mask_rope}, repeats, warmup=1)["ours"]
         lines.append(f"{'mask+rope':<12}{median(secs):>10.4f}{'-':>10}{'-':>18}")

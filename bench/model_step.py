@@ -9,7 +9,7 @@ steps interleaved. Ours runs the real training path: ``pretrain.schedule.forward
 .backward()``. The rows are plain causal text, so ours takes its causal fast path (``NeoBatch.causal``:
 no mask, SDPA ``is_causal`` like theirs). Note that ours does more arithmetic for the same tokens:
 NEO's queries/keys are 2*head_dim wide (T + H/W parts; V is zero-padded to that width for the fused
-kernel) and every layer has the H/W projection (``forward_flops`` counts it); the executed-GFLOP/s
+kernel) and every layer has the H/W projection (``pretrain.flops.step_flops`` counts it); the executed-GFLOP/s
 rows compare the two per unit of arithmetic actually executed.
 
 Multimodal path: a full NEO (pre-Buffer + post-LLM + patch embedding) on packed rows of caption
@@ -74,11 +74,12 @@ def multimodal_cases(quick: bool) -> list[Case]:
 # ----------------------------------------------------------------------------------- models
 
 
-def build_neo(neo: NeoModelConfig, dtype: torch.dtype = torch.float32, device: str = "cpu", init: bool = True):
+def build_neo(neo: NeoModelConfig, dtype: torch.dtype = torch.float32, device: str = "cpu", init: bool = True,
+              recompute: str = "none"):
     """A TP1PP1 ``NeoModel`` (inside an initialised megatron layout) on ``device``."""
     from pretrain.model.neo import NeoModel, transformer_config
 
-    model = NeoModel(transformer_config(neo, dtype=dtype, init_weights=init), neo).to(device)
+    model = NeoModel(transformer_config(neo, dtype=dtype, init_weights=init), neo, recompute=recompute).to(device)
     if not init:  # big models: random weights drawn on the device, not on the host
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -170,7 +171,8 @@ def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: 
     from bench.batches import counts, multimodal_batch, text_batch
     from bench.timing import interleaved, median, paired_ratio, spread
     from pretrain.distributed import runtime
-    from pretrain.metrics import forward_flops
+    from pretrain.flops import step_flops
+    from pretrain.model.roles import ROLES
 
     torch.set_num_threads(threads)
     out = []
@@ -187,7 +189,7 @@ def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: 
             secs = interleaved(steps, repeats, warmup, budget_s=budget_s, cpu_seconds=cpu)
             tokens = batch.tokens.numel()
             ours_s, hf_s = median(secs["ours"]), median(secs["hf"])
-            flops = 3 * forward_flops(neo, tokens, case.seq_len, 0)
+            flops = step_flops(neo, [batch], ROLES).total
             where = f"{case.name} (b{case.rows} s{case.seq_len})"
             out.append(asdict(Result(
                 name=f"model/text fwd+bwd {where}",
@@ -198,7 +200,7 @@ def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: 
                        f"per-round ratios {paired_ratio(secs['ours'], secs['hf']):.2f}, ratio of the minima "
                        f"{min(secs['hf']) / min(secs['ours']):.2f}, ratio of median CPU seconds per step "
                        f"{median(cpu['hf']) / median(cpu['ours']):.2f}; "
-                       f"ours {flops / ours_s / 1e9:.1f} GFLOP/s by forward_flops (incl. NEO's H/W work)"),
+                       f"ours {flops / ours_s / 1e9:.1f} useful GFLOP/s by step_flops (incl. NEO's H/W work)"),
             )))
             # Of ours, the zero half of V (padded to Q/K's width for the fused kernel) in P@V forward and
             # the two matching backward products, counted dense like the rest: executed, but not useful.
@@ -222,14 +224,14 @@ def _rank_body(text: list[Case], multimodal: list[Case], threads: int, repeats: 
             secs = interleaved({"ours": ours_step(model, batch)}, repeats, warmup, budget_s=budget_s and budget_s / 2,
                                cpu_seconds=cpu)["ours"]
             t = median(secs)
-            flops = 3 * forward_flops(neo, real, case.seq_len, image)
+            flops = step_flops(neo, [batch], ROLES).total
             out.append(asdict(Result(
                 name=f"model/multimodal fwd+bwd {case.name} (b{case.rows} s{case.seq_len})",
                 value=real / t, unit="tokens/s",
                 notes=(f"{neo.pre_buffer_layers}+{neo.post_llm_layers} layers h{neo.hidden_size}, "
                        f"{batch.image_grids.shape[0]} images ({image} image tokens) in "
                        f"{int(batch.doc_ids.max()) + 1}+ docs/row, fill {real / batch.tokens.numel():.2f}; "
-                       f"real tokens counted; {flops / t / 1e9:.1f} GFLOP/s (forward_flops); "
+                       f"real tokens counted; {flops / t / 1e9:.1f} useful GFLOP/s (step_flops: allowed attention pairs); "
                        f"fp32, {threads} threads, median ({spread(secs)}; {real / median(cpu['ours']):.0f} tokens per "
                        f"CPU-second, which outside load does not inflate); no baseline: transformers has no NEO "
                        f"model"),

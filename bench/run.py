@@ -1,12 +1,15 @@
 """`make bench`: every benchmark side by side with its baseline, in one run.
 
-    python -m bench [--quick] [--only data model gpu checkpoint] [--out runs/bench]
+    python -m bench [--quick] [--only data model attention gpu checkpoint] [--out runs/bench]
 
 Sections (each is also runnable alone: ``python -m bench.<module>``):
   data        shard build samples/s per worker; loader samples/s per worker and pack fill against
               loose JPEG files + a JSON list read by a plain torch Dataset      (bench/data_path.py)
   model       CPU fwd+bwd tokens/s of the NEO text path against transformers' Qwen3 with identical
               weights; the full multimodal step at two sizes                     (bench/model_step.py)
+  attention   CPU attention fwd+bwd following the native mask (block-sparse) against the dense
+              additive bias, tiny and h512 widths, seq 4k-16k, stage-1 and SFT packings; executed
+              and allowed-pair FLOPs                                              (bench/attention.py)
   gpu         neo_2b shapes at seq 8k/16k in bf16: tokens/s, MFU, attention kernels, memory;
               skipped with the reason when there is no GPU                        (bench/gpu.py)
   checkpoint  save_weights/load_weights GB/s against torch.save/torch.load        (bench/checkpoint.py)
@@ -36,7 +39,7 @@ from bench import results as results_mod  # noqa: E402
 from bench.results import Result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("data", "model", "gpu", "checkpoint")
+SECTIONS = ("data", "model", "attention", "gpu", "checkpoint")
 
 
 def _section(name: str, quick: bool) -> list[Result]:
@@ -48,6 +51,10 @@ def _section(name: str, quick: bool) -> list[Result]:
         from bench import model_step
 
         return model_step.run(quick)
+    if name == "attention":
+        from bench import attention
+
+        return attention.run(quick)
     if name == "gpu":
         from bench import gpu
 

@@ -21,24 +21,6 @@ from pathlib import Path
 
 import torch
 
-from pretrain.model.config import NeoModelConfig
-
-
-def forward_flops(neo: NeoModelConfig, tokens: int, seq_len: int, image_tokens: int) -> float:
-    """Forward FLOPs of ``tokens`` tokens in rows of ``seq_len``, ``image_tokens`` of them pixels,
-    counting attention over full rows and the LM head on every token.
-
-    Kept only for bench/ (model_step.py, gpu.py), which has not moved yet: training reports
-    ``pretrain.flops.step_flops``. Delete this when bench uses ``step_flops`` too."""
-    sharded, _ = neo.layer_parameters()
-    dense = 2.0 * tokens * (neo.num_layers * sharded + neo.hidden_size * neo.vocab_size)
-    # QK^T over 2d-wide queries/keys and AV over d: 6 * s * nq * d per token per layer.
-    attention = 6.0 * tokens * seq_len * neo.num_attention_heads * neo.head_dim * neo.num_layers
-    merge = round(1 / neo.downsample_ratio) ** 2
-    pixels = 3 * neo.patch_size ** 2
-    vision = 2.0 * image_tokens * (merge * pixels * neo.vision_hidden_size + merge * neo.vision_hidden_size * neo.hidden_size)
-    return dense + attention + vision
-
 
 def memory_gb() -> float:
     """Peak accelerator memory, or this process's resident memory on CPU."""

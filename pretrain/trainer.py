@@ -33,7 +33,8 @@ from pretrain.checkpoint.manager import CheckpointManager, Progress
 from pretrain.checkpoint.weights import load_weights
 from pretrain.config import Config, ConfigError, Layout
 from pretrain.distributed import runtime
-from pretrain.metrics import Metrics, forward_flops
+from pretrain.flops import step_flops
+from pretrain.metrics import Metrics
 from pretrain.model.neo import NeoModel, transformer_config
 from pretrain.model.roles import set_trainable
 from pretrain.model.batch import NeoBatch
@@ -238,11 +239,11 @@ class Trainer:
                                              "stopping without writing a checkpoint of these weights")
                 self.model.zero_grad(set_to_none=True)
                 progress.step += 1
-                tokens, images, samples, fill = self._step_counts(host)
+                tokens, samples, fill, flops = self._step_counts(host)
                 progress.consumed_samples += samples
                 interval["tokens"] += tokens
                 interval["samples"] += samples
-                interval["flops"] += 3 * forward_flops(cfg.model, tokens, cfg.train.seq_len, images)
+                interval["flops"] += flops
                 interval["fill"] += fill
                 interval["steps"] += 1
                 if progress.step % cfg.log.every == 0 or progress.step == cfg.train.steps:
@@ -280,19 +281,18 @@ class Trainer:
         """THE host -> device crossing of training data (asynchronous from the loader's pinned memory)."""
         return batch.to(self.device)
 
-    def _step_counts(self, host: list[NeoBatch]) -> tuple[int, int, int, float]:
-        """(real tokens, image tokens, samples, pack fill) of the whole step, over all DP ranks.
+    def _step_counts(self, host: list[NeoBatch]) -> tuple[int, int, float, float]:
+        """(real tokens, samples, pack fill, useful FLOPs) of the whole step, over all DP ranks.
         Counted on the host copies of the batches, so only the all-reduce touches the device."""
-        counts = [0.0, 0.0, 0.0, 0.0]
+        counts = [0.0, 0.0, 0.0, float(step_flops(self.cfg.model, host, self.cfg.stage.trainable).total)]
         for b in host:
             real = b.doc_ids >= 0
-            for i, n in enumerate((real.sum(), (b.image_ids >= 0).sum(), (real & _doc_starts(b.doc_ids)).sum(),
-                                   b.tokens.numel())):
+            for i, n in enumerate((real.sum(), (real & _doc_starts(b.doc_ids)).sum(), b.tokens.numel())):
                 counts[i] += float(n)
         local = torch.tensor(counts, dtype=torch.float64, device=self.device)
         dist.all_reduce(local, group=ps.get_data_parallel_group())
-        tokens, images, samples, slots = local.tolist()
-        return int(tokens), int(images), int(samples), tokens / max(1.0, slots)
+        tokens, samples, slots, flops = local.tolist()
+        return int(tokens), int(samples), tokens / max(1.0, slots), flops
 
 
 def _doc_starts(doc_ids: torch.Tensor) -> torch.Tensor:

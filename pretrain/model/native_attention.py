@@ -25,6 +25,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.module import MegatronModule
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.model.masked_attention import NativeMask, masked_attention
 from pretrain.model.native_rope import swap_halves
 from pretrain.model.norm import RMSNorm
 
@@ -33,20 +34,22 @@ from pretrain.model.norm import RMSNorm
 TP_PARTIAL_GRAD = "tp_partial_grad"
 
 
-def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: NativeMask | None,
                    scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v with GQA.
+    """softmax(q k^T * scale) v over the pairs NEO's mask allows, with GQA.
 
     q [s, b, nq, 2d], k [s, b, nkv, 2d], v [s, b, nkv, d] or zero-padded to 2d (``NativeQKV``
-    pads it), bias [b, 1, s, s] (``native_attention_bias``: 0 or -inf, shared by all layers), or
-    None for plain causal attention (``NeoBatch.causal``): the kernel then gets ``is_causal`` and
-    may skip the upper triangle (GPU flash kernels do; the CPU one only in blocks of 512 keys).
-    Returns [s, b, nq*d].
-    Why V is padded: torch's fused attention kernels need one head dim for q, k and v (with a
-    narrower V, SDPA falls back to the unfused math path that materialises every score, 2.4-3.6x
-    slower on CPU); the padded half of the output is zero and dropped. On GPU a FlexAttention
-    block mask is the next step (it can skip masked blocks).
+    pads it), ``mask`` the micro-batch's ``NativeMask`` (built once, shared by all layers): the
+    work follows the allowed pairs (FlexAttention on CUDA, block-sparse kernel calls on CPU:
+    pretrain/model/masked_attention.py). None for plain causal rows (``NeoBatch.causal``): SDPA's
+    causal kernel, which skips the upper triangle (GPU flash kernels do; the CPU one in blocks of
+    512 keys). Returns [s, b, nq*d].
+    Why V is padded for SDPA: torch's fused attention kernels need one head dim for q, k and v (with
+    a narrower V, SDPA falls back to the unfused math path that materialises every score, 2.4-3.6x
+    slower on CPU); the padded half of the output is zero and dropped.
     """
+    if mask is not None:
+        return masked_attention(q, k, v, mask, scale)
     d = q.shape[-1] // 2
     if v.shape[-1] == d:
         v = F.pad(v, (0, d))
@@ -54,8 +57,7 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
         q.permute(1, 2, 0, 3),
         k.permute(1, 2, 0, 3),
         v.permute(1, 2, 0, 3),
-        attn_mask=None if bias is None else bias.to(q.dtype),
-        is_causal=bias is None,
+        is_causal=True,
         scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )[..., :d]  # [b, nq, s, d]
@@ -147,8 +149,8 @@ class NativeAttentionSubmodules:
 class NativeSelfAttention(MegatronModule):
     """Self-attention of a NEO decoder layer. Called by megatron's TransformerLayer; reads the
     Native-RoPE table from ``rotary_pos_cos``/``rotary_pos_sin`` ([s, b, 1, 2d], built once per
-    micro-batch by the model) and the native mask from ``attention_mask`` (the additive
-    ``native_attention_bias``; None: plain causal)."""
+    micro-batch by the model) and the native mask from ``attention_mask`` (the micro-batch's
+    ``NativeMask``; None: plain causal)."""
 
     def __init__(self, config, submodules: NativeAttentionSubmodules, layer_number: int,
                  checkpoint_core_attention: bool = False, **unused):

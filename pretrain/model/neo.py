@@ -39,7 +39,8 @@ from pretrain.model.config import NeoModelConfig
 from pretrain.model.native_attention import NativeAttentionSubmodules, NativeSelfAttention
 from pretrain.model.native_rope import native_rope_cos_sin
 from pretrain.model.norm import RMSNorm
-from pretrain.model.positions import native_attention_bias, native_positions
+from pretrain.model.masked_attention import NativeMask
+from pretrain.model.positions import native_positions
 from pretrain.model.vision_embed import VisionEmbedding
 
 
@@ -248,11 +249,10 @@ class NeoModel(LanguageModule):
         neo = self.neo
         positions = native_positions(batch.doc_ids, batch.image_ids, batch.image_grids)
         cos, sin = native_rope_cos_sin(positions, neo.head_dim, neo.rope_theta, neo.rope_theta_hw)
-        # No mask for plain causal batches: core attention then runs SDPA's causal kernel, which
-        # skips the upper triangle instead of reading an s*s mask (batch.causal is decided on the host).
-        # Otherwise one additive bias for all layers (why not a boolean mask: native_attention_bias).
-        mask = (None if batch.causal
-                else native_attention_bias(batch.doc_ids, batch.image_ids, self.config.params_dtype))
+        # No mask for plain causal batches: core attention then runs SDPA's causal kernel (batch.causal
+        # is decided on the host). Otherwise the native mask, built once for all layers in the form the
+        # device's kernel needs (a FlexAttention BlockMask on CUDA, a plan of kernel calls on CPU).
+        mask = None if batch.causal else NativeMask.build(batch.doc_ids, batch.image_ids)
         hidden = self.decoder(
             hidden_states=self.embed(batch) if self.pre_process else None,
             attention_mask=mask,

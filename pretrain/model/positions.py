@@ -87,13 +87,12 @@ def native_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
 
 
 def native_attention_bias(doc_ids: torch.Tensor, image_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The native mask as the additive bias the attention kernel consumes: [b, 1, s, s] in the
-    activations' dtype, 0 where allowed, -inf where masked (every token sees itself, so no row is
-    all -inf).
+    """The native mask as a dense additive bias: [b, 1, s, s] in ``dtype``, 0 where allowed, -inf
+    where masked (every token sees itself, so no row is all -inf).
 
-    Why not the boolean mask: SDPA turns a boolean mask into a new bias tensor on every call and
-    autograd keeps each layer's copy for backward, L copies of s*s per row (neo_2b at 16k in bf16:
-    40 x 512 MiB = 20 GiB). Built once per micro-batch, one bias serves every layer.
+    The reference that the model's mask-following attention (``masked_attention.NativeMask``) is
+    checked against, and the baseline the benchmarks compare it with: a kernel fed this bias
+    computes all s*s pairs, most of which a packed row masks.
     """
     masked = native_mask(doc_ids, image_ids)
     return torch.zeros(masked.shape, dtype=dtype, device=masked.device).masked_fill_(masked, float("-inf"))

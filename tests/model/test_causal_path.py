@@ -2,11 +2,13 @@
 padding) runs attention with ``is_causal`` and no mask (``NeoBatch.causal``). Padding then sees the
 text before it, which may only change outputs at padding: the loss and every gradient must equal
 those of the masked path, at TP1PP1 and on both stages of PP2 (each stage decides on its own).
-The masked path builds one attention bias per micro-batch that all layers share."""
+The masked path builds one ``NativeMask`` per micro-batch that all layers share, and keeps no s*s
+tensor for backward."""
 
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import torch
 
@@ -61,18 +63,23 @@ def _body(layouts):
             model = NeoModel(transformer_config(NEO, tp=tp, pp=pp), NEO)
             runs = {}
             for name, micro in (("masked", masked), ("causal", batches)):
-                build_mask = neo_module.native_attention_bias
-                if name == "causal":  # the fast path must not build the s*s mask at all
-                    neo_module.native_attention_bias = lambda *a: (_ for _ in ()).throw(AssertionError("mask built"))
-                masks = []  # the [b, 1, s, s] tensors attention keeps for backward (held: no address reuse)
-                keep = lambda t: (masks.append(t) if t.shape == (2, 1, SEQ, SEQ) else None) or t  # noqa: E731
+                mask_class, builds = neo_module.NativeMask, []
+
+                def build(doc_ids, image_ids, name=name, builds=builds, mask_class=mask_class):
+                    assert name == "masked", "the causal fast path built a mask"
+                    builds.append(doc_ids.shape)
+                    return mask_class.build(doc_ids, image_ids)
+
+                neo_module.NativeMask = types.SimpleNamespace(build=build)
+                squares = []  # any s*s tensor attention would keep for backward
+                keep = lambda t: (squares.append(t.shape) if t.shape[-2:] == (SEQ, SEQ) else None) or t  # noqa: E731
                 try:
                     model.zero_grad(set_to_none=True)
                     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
                         loss = forward_backward(model, micro)
                 finally:
-                    neo_module.native_attention_bias = build_mask
-                kept = (len(masks), len({m.untyped_storage().data_ptr() for m in masks}), len(model.decoder.layers))
+                    neo_module.NativeMask = mask_class
+                kept = (len(builds), len(squares))
                 runs[name] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                               kept)
             out[(tp, pp)] = (ps.get_pipeline_model_parallel_rank(), runs)
@@ -82,11 +89,10 @@ def _body(layouts):
 def _check(results):
     for (stage, runs) in results:
         (loss_m, grads_m, kept_m), (loss_c, grads_c, kept_c) = runs["masked"], runs["causal"]
-        # The masked path: every layer keeps the micro-batch's one bias, never a copy of its own
-        # (tests/model/test_attention_bias.py); the causal path keeps none.
-        n_kept, n_distinct, layers = kept_m
-        assert (n_kept, n_distinct) == (2 * layers, 2), (stage, kept_m)  # 2 micro-batches
-        assert kept_c[0] == 0, (stage, kept_c)
+        # The masked path: one mask per micro-batch (2) for all layers, no s*s tensor kept; the causal
+        # path builds none.
+        assert kept_m == (2, 0), (stage, kept_m)
+        assert kept_c == (0, 0), (stage, kept_c)
         assert (loss_m is None) == (loss_c is None)
         if loss_m is not None:
             assert abs(loss_m - loss_c) <= 1e-6 * abs(loss_m), (stage, loss_m, loss_c)

@@ -7,9 +7,12 @@ three ways from the same bf16-representable weights:
   trainer   a bf16 model through the trainer's path (DeepSpeed's BF16 optimizer, fp32 buffers),
   bf16-acc  a bf16 model whose gradients accumulate and reduce in bf16 (what DeepSpeed's default
             bf16 mode did before: p.grad in bf16 summed micro-batch after micro-batch).
+And a bf16 training run that learns and resumes bit-exactly from a checkpoint.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +130,38 @@ def test_bf16_gradients_accumulate_and_reduce_in_fp32(gradients):
     assert abs(out["loss_trainer"] - out["loss_fp32"]) <= 1e-2 * abs(out["loss_fp32"])
     # The same global gradient on both DP ranks.
     assert all(torch.equal(gradients[1]["trainer"][n], g) for n, g in out["trainer"].items())
+
+
+def _run(*overrides: str) -> list[dict]:
+    import json
+    import subprocess
+    import sys
+
+    args = dict(o.split("=", 1) for o in overrides)
+    done = subprocess.run([sys.executable, "-m", "pretrain.train", *overrides], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return [json.loads(line) for line in (Path(args["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_run_learns_and_resumes_bit_exactly(tmp_path):
+    """A bf16 run (fp32 gradient accumulation, fp32 master weights in DeepSpeed's BF16 optimizer) and
+    the same run resumed from its step-2 checkpoint in a fresh process: identical losses."""
+    from data_prep.cli import main as data_prep
+
+    data = tmp_path / "synthetic"
+    assert data_prep(["synthetic", "--output", str(data), "--num", "80", "--seed", "3", "--no-progress",
+                      "--workers", "1"]) == 0
+    common = ["model=tiny", "stage=stage2_midtrain", f"data.path={data}", "train.steps=4", "train.seq_len=256",
+              "train.global_batch_size=4", "checkpoint.every=2", "data.num_workers=0", "wandb.mode=disabled",
+              "train.dtype=bfloat16"]
+    straight = _run(*common, f"run_dir={tmp_path / 'straight'}")
+    losses = [row["loss"] for row in straight]
+    assert losses[-1] < losses[0], losses
+    step2 = tmp_path / "straight" / "checkpoints" / "step_00000002"
+    optimizer = step2 / "optimizer" / "zero" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert optimizer.is_file()  # the BF16 optimizer (fp32 accumulation), not ZeRO's bf16-gradient one
+    resumed = _run(*common, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.resume={step2}")
+    assert [row["step"] for row in resumed] == [3, 4]
+    assert [row["loss"] for row in resumed] == losses[2:]  # bit-exact
+    assert [row["grad_norm"] for row in resumed] == [row["grad_norm"] for row in straight[2:]]
