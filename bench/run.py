@@ -10,8 +10,9 @@ Sections (each is also runnable alone: ``python -m bench.<module>``):
   attention   CPU attention fwd+bwd following the native mask (block-sparse) against the dense
               additive bias, tiny and h512 widths, seq 4k-16k, stage-1 and SFT packings; executed
               and allowed-pair FLOPs                                              (bench/attention.py)
-  gpu         neo_2b shapes at seq 8k/16k in bf16: tokens/s, MFU, attention kernels, memory;
-              skipped with the reason when there is no GPU                        (bench/gpu.py)
+  gpu         neo_2b shapes in bf16: text at seq 8k/16k vs transformers' Qwen3, packed multimodal
+              with FlexAttention at 8k/16k/32k; tokens/s, MFU on useful FLOPs, attention kernels,
+              memory; skipped with the reason when there is no GPU                 (bench/gpu.py)
   checkpoint  save_weights/load_weights GB/s against torch.save/torch.load        (bench/checkpoint.py)
 
 Writes ``results.json`` (a list of {name, value, unit, baseline_value, ratio, notes}) and

@@ -27,7 +27,7 @@ def test_bench_quick_writes_results(tmp_path):
     rows = json.loads((out / "results.json").read_text())
     assert rows and all(set(r) == FIELDS for r in rows)
     names = [r["name"] for r in rows]
-    for prefix in ("data/shard build", "data/loader", "data/pack fill", "model/text", "model/multimodal", "gpu/",
+    for prefix in ("data/shard build", "data/loader", "data/pack fill", "model/text", "model/multimodal", "attention/", "gpu/",
                    "checkpoint/save", "checkpoint/load"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     for r in rows:
