@@ -17,6 +17,11 @@ the width the kernel runs it, 2d); allowed = allowed pairs (real tokens) x heads
 (2d + d) forward, x (3*2d + 2*d) backward. Their quotient is what the path wastes: padding V to 2d
 alone makes it 4/3 forward, 5/4 backward, 14/11 = 1.27 over both.
 
+Model step: the whole tiny NEO (6 layers, pre-Buffer + post-LLM + patch embedding) fwd+bwd on one
+row of each packing at each length, the model's own path against the same model with its attention
+swapped for the dense-bias baseline (built once per micro-batch, as the model built it before).
+Runs in one spawned rank (megatron's parallel state).
+
     python -m bench.attention [--quick]
 """
 
@@ -209,11 +214,83 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def layout_batch(doc_ids: torch.Tensor, image_ids: torch.Tensor, vocab: int, patch_dim: int, seed: int = 0):
+    """A training micro-batch with this row layout: random text ids, each image a 1 x n token grid
+    of random pixels, supervised text (not the last token of a document)."""
+    from bench.batches import FIRST_TEXT_ID, IMG_CONTEXT
+    from pretrain.model.batch import NeoBatch
+
+    g = torch.Generator().manual_seed(seed)
+    image = image_ids >= 0
+    tokens = torch.randint(FIRST_TEXT_ID, vocab, doc_ids.shape, generator=g).masked_fill(image, IMG_CONTEXT)
+    sizes = torch.bincount(image_ids[image])
+    last_of_doc = torch.ones_like(image)
+    last_of_doc[:, :-1] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return NeoBatch(tokens=tokens, labels=torch.roll(tokens, -1, dims=1), loss_mask=(doc_ids >= 0) & ~image & ~last_of_doc,
+                    doc_ids=doc_ids, image_ids=image_ids,
+                    image_grids=torch.stack([torch.ones_like(sizes), sizes], dim=1),
+                    patches=torch.randn(4 * int(sizes.sum()), patch_dim, generator=g))
+
+
+def _model_step_body(cases: list[tuple[str, int]], repeats: int) -> list[dict]:
+    import pretrain.model.native_attention as native_attention
+    from bench.model_step import build_neo, ours_step, preset
+    from bench.timing import interleaved, median, paired_ratio
+    from pretrain.distributed import runtime
+    from pretrain.model.positions import native_attention_bias
+
+    neo = preset("tiny")
+    ours = native_attention.masked_attention
+    biases: dict[int, torch.Tensor] = {}
+
+    def dense(q, k, v, mask, scale):  # the baseline, one bias per micro-batch (NativeMask object)
+        if id(mask) not in biases:
+            biases.clear()
+            biases[id(mask)] = native_attention_bias(mask.doc_ids, mask.image_ids, q.dtype)
+        return dense_bias_attention(q, k, torch.nn.functional.pad(v, (0, q.shape[-1] - v.shape[-1])),
+                                    biases[id(mask)], scale)
+
+    def with_kernel(kernel, step):
+        def call():
+            native_attention.masked_attention = kernel
+            try:
+                step()
+            finally:
+                native_attention.masked_attention = ours
+        return call
+
+    out = []
+    with runtime.model_parallel(1, 1):
+        model = build_neo(neo)
+        for packing, seq in cases:
+            doc_ids, image_ids = PACKINGS[packing](seq, 0)
+            step = ours_step(model, layout_batch(doc_ids, image_ids, neo.vocab_size, 3 * neo.patch_size ** 2))
+            secs = interleaved({"ours": with_kernel(ours, step), "dense": with_kernel(dense, step)},
+                               repeats=repeats, warmup=1)
+            out.append(dict(packing=packing, seq=seq, ours_s=median(secs["ours"]), dense_s=median(secs["dense"]),
+                            speedup=paired_ratio(secs["ours"], secs["dense"]), images=int(image_ids.max()) + 1,
+                            real=int((doc_ids >= 0).sum())))
+    return out
+
+
+def model_step_results(quick: bool) -> list[Result]:
+    from pretrain.distributed import spawn
+
+    cases = [("stage1", 4096)] if quick else [(p, s) for p in PACKINGS for s in (4096, 8192, 16384)]
+    # One timed round after a warm-up: a dense step at 16k takes 30 s, and `make bench` has 10 minutes.
+    rows = spawn.run(_model_step_body, 1, args=(cases, 1), timeout=1800)[0]
+    return [Result(name=f"attention/model step tiny {r['packing']} s{r['seq']} fwd+bwd", value=1 / r["ours_s"],
+                   unit="steps/s", baseline_value=1 / r["dense_s"],
+                   notes=(f"the whole tiny NEO (6 layers) on one row ({r['real']} real tokens, {r['images']} images): "
+                          f"{r['ours_s']:.2f} s with the mask-following attention, {r['dense_s']:.2f} s with the "
+                          f"dense bias (paired median {r['speedup']:.1f}x); fp32")) for r in rows]
+
+
 def run(quick: bool = False, repeats: int | None = None, rows_out: list | None = None,
         widths=tuple(WIDTHS)) -> list[Result]:
     """The ``attention`` section of ``python -m bench``: per case, fwd+bwd calls/s (ours vs the
     dense bias) and executed attention FLOPs (ours vs dense; lower is better)."""
-    repeats = repeats or (2 if quick else 3)
+    repeats = repeats or 2
     results, rows = [], []
     for width, packing, seq in cases(quick, widths):
         r = run_case(width, packing, seq, repeats)
@@ -237,7 +314,7 @@ def run(quick: bool = False, repeats: int | None = None, rows_out: list | None =
                               notes=flops))
     if rows_out is not None:
         rows_out.extend(rows)
-    return results
+    return results + model_step_results(quick)
 
 
 def main() -> int:
