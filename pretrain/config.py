@@ -92,7 +92,6 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every: int = 1
-    peak_tflops: float = 0.0  # per device (dense bf16: 989 for H100/H200); MFU against it; 0 = unknown: no MFU
 
 
 @dataclass
@@ -113,6 +112,12 @@ class ClusterConfig:
     account: str = ""
     max_restarts: int = 10
     signal_lead_s: int = 300  # SIGUSR1 this long before the time limit: checkpoint and requeue
+    # The GPUs (presets: conf/cluster/). Training reports MFU against peak_tflops; pretrain.plan and
+    # slurm.submit check layouts against gpu_memory_gb. 0: unknown (no MFU, no memory check).
+    gpu_memory_gb: float = 0.0  # the card's nominal memory, read as 10^9 bytes
+    peak_tflops: float = 0.0  # dense bf16 TFLOP/s per GPU
+    intra_node_gbps: float = 0.0  # effective NCCL bus bandwidth inside a node (NVLink), Gbit/s
+    inter_node_gbps: float = 0.0  # effective NCCL bus bandwidth per GPU between nodes, Gbit/s
 
 
 @dataclass

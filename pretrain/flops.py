@@ -111,9 +111,33 @@ def work_flops(neo: NeoModelConfig, work: BatchWork, trainable: Iterable[str]) -
     unknown = trainable - set(ROLES)
     if unknown:
         raise ValueError(f"unknown parameter roles {sorted(unknown)}; known: {', '.join(ROLES)}")
+    h = neo.hidden_size
+    merge = round(1 / neo.downsample_ratio)
+    patch = 2 * merge * merge * work.image_tokens * 3 * neo.patch_size ** 2 * neo.vision_hidden_size
+    dense = 2 * work.image_tokens * merge * merge * neo.vision_hidden_size * h
+    vision_trains = "vision" in trainable and work.image_tokens > 0
+    out = StepFlops(vision_forward=patch + dense, vision_backward=(patch + 2 * dense) if vision_trains else 0)
+
+    per_layer, grad = _layer_flops(neo, work, trainable)
+    for layer in per_layer:
+        out += layer
+
+    head = 2 * work.supervised * h * neo.vocab_size
+    head_trains = ("embedding" if neo.tie_word_embeddings else "lm_head") in trainable
+    grad = grad or "final_norm" in trainable
+    return out + StepFlops(lm_head_forward=head, lm_head_backward=head * grad + head * head_trains)
+
+
+def layer_flops(neo: NeoModelConfig, work: BatchWork, trainable: Iterable[str]) -> list[StepFlops]:
+    """Useful FLOPs of each decoder layer (first to last) for one micro-batch: the pipeline stages'
+    shares (the planner's step time)."""
+    return _layer_flops(neo, work, set(trainable))[0]
+
+
+def _layer_flops(neo: NeoModelConfig, work: BatchWork, trainable: set[str]) -> tuple[list[StepFlops], bool]:
+    """(per-layer FLOPs, whether the last layer's output needs a gradient)."""
     h, d, nq, nkv = neo.hidden_size, neo.head_dim, neo.num_attention_heads, neo.num_kv_heads
     t = work.tokens
-
     # One decoder layer's matmuls, forward, for t tokens: the input projections (q/k/v and the
     # H/W q/k, both read the normed input), the H/W part alone (its own role in the post-LLM),
     # and the rest (output projection + SwiGLU MLP).
@@ -122,34 +146,24 @@ def work_flops(neo: NeoModelConfig, work: BatchWork, trainable: Iterable[str]) -
     inputs = 2 * t * h * (nq + 2 * nkv) * d + hw
     rest = 2 * t * sharded - inputs
     attention = work.attention_pairs * nq * (2 * (2 * d) + 2 * d)
-
-    merge = round(1 / neo.downsample_ratio)
-    patch = 2 * merge * merge * work.image_tokens * 3 * neo.patch_size ** 2 * neo.vision_hidden_size
-    dense = 2 * work.image_tokens * merge * merge * neo.vision_hidden_size * h
     vision_trains = "vision" in trainable and work.image_tokens > 0
-    out = StepFlops(vision_forward=patch + dense, vision_backward=(patch + 2 * dense) if vision_trains else 0)
-
     grad = "embedding" in trainable or vision_trains  # does layer 1's input need a gradient?
-    layer_fwd = layer_bwd = attn_bwd = 0
+    layers = []
     for number in range(1, neo.num_layers + 1):
         role = "pre_buffer" if number <= neo.pre_buffer_layers else "post_llm"
         role_hw = "pre_buffer" if number <= neo.pre_buffer_layers else "post_llm_hw"
         trains, hw_trains = role in trainable, role_hw in trainable
-        layer_fwd += inputs + rest
+        bwd = attn_bwd = 0
         if grad or trains:  # dX of the input projections: their input (the normed hidden) needs it
-            layer_bwd += inputs
+            bwd += inputs
         if grad or trains or hw_trains:  # the rest of the layer backpropagates
-            layer_bwd += rest
-            attn_bwd += 2 * attention
+            bwd += rest
+            attn_bwd = 2 * attention
             grad = True
-        layer_bwd += (inputs - hw + rest) * trains + hw * hw_trains  # dW
-    out += StepFlops(decoder_forward=layer_fwd, decoder_backward=layer_bwd,
-                     attention_forward=neo.num_layers * attention, attention_backward=attn_bwd)
-
-    head = 2 * work.supervised * h * neo.vocab_size
-    head_trains = ("embedding" if neo.tie_word_embeddings else "lm_head") in trainable
-    grad = grad or "final_norm" in trainable
-    return out + StepFlops(lm_head_forward=head, lm_head_backward=head * grad + head * head_trains)
+        bwd += (inputs - hw + rest) * trains + hw * hw_trains  # dW
+        layers.append(StepFlops(decoder_forward=inputs + rest, decoder_backward=bwd,
+                                attention_forward=attention, attention_backward=attn_bwd))
+    return layers, grad
 
 
 def step_flops(neo: NeoModelConfig, micro_batches: Iterable[NeoBatch], trainable: Iterable[str]) -> StepFlops:

@@ -5,7 +5,7 @@ TFLOP/s per device divides the useful model FLOPs of the interval (``pretrain.fl
 attention over the pairs the native mask allows, the LM head on supervised tokens, no weight
 gradients for frozen roles; whole model per data-parallel rank, summed over those ranks) by the wall
 time and the number of devices.
-MFU is that over ``log.peak_tflops``, and only reported when a peak is configured (> 0) for the
+MFU is that over ``cluster.peak_tflops``, and only reported when a peak is configured (> 0) for the
 device: without one (CPU runs, unknown hardware) metrics.jsonl has no ``mfu`` and the console shows
 ``MFU -`` instead of a percentage of someone else's peak.
 """
@@ -41,6 +41,7 @@ class Metrics:
         self.wandb = None
         self.jsonl = None
         self._last = time.perf_counter()
+        self.planned_memory_gb: float | None = None  # pretrain.plan's prediction for this rank, if known
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,8 +78,10 @@ class Metrics:
             "step_time_s": elapsed / max(1, steps_in_interval),
             "memory_gb": memory_gb(),
         }
-        if self.cfg.log.peak_tflops > 0:
-            row["mfu"] = row["tflops_per_device"] / self.cfg.log.peak_tflops
+        if self.planned_memory_gb is not None:
+            row["planned_memory_gb"] = self.planned_memory_gb
+        if self.cfg.cluster.peak_tflops > 0:
+            row["mfu"] = row["tflops_per_device"] / self.cfg.cluster.peak_tflops
         self.jsonl.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -89,10 +92,11 @@ class Metrics:
         loss = row.get("loss")
         loss_s = f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else str(loss)
         mfu = f"{100 * row['mfu']:.2f}%" if "mfu" in row else "-"
+        plan = f" (plan {row['planned_memory_gb']:.2f})" if "planned_memory_gb" in row else ""
         return (f"step {row['step']}/{total_steps} | loss {loss_s} | lr {row['lr']:.2e} | gnorm {row['grad_norm']:.3f}"
                 f" | {row['tokens_per_s']:,.0f} tok/s | {row['samples_per_s']:.1f} samples/s"
                 f" | {row['tflops_per_device']:.4g} TFLOP/s/dev | MFU {mfu}"
-                f" | fill {100 * row.get('pack_fill', 0):.0f}% | mem {row['memory_gb']:.2f} GB"
+                f" | fill {100 * row.get('pack_fill', 0):.0f}% | mem {row['memory_gb']:.2f} GB{plan}"
                 f" | skipped {row.get('skipped_steps', 0)} steps, {row.get('skipped_samples', 0)} samples")
 
     def close(self) -> None:

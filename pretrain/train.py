@@ -39,9 +39,10 @@ def main(argv: list[str]) -> int:
     from pretrain.distributed import runtime
     from pretrain.trainer import NonFiniteError, train
 
+    memory_plan = _memory_plan(cfg, overrides, world_size)
     runtime.init_distributed()
     try:
-        return train(cfg, layout)
+        return train(cfg, layout, memory_plan)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -50,6 +51,26 @@ def main(argv: list[str]) -> int:
         return 1
     finally:
         runtime.shutdown()
+
+
+def _memory_plan(cfg, overrides: list[str], world_size: int) -> dict | None:
+    """pretrain.plan's prediction for this layout, on rank 0 of a bf16 run (the planner models
+    bf16 runs); a failure costs a warning line, never the run."""
+    import torch
+
+    from pretrain.config import ConfigError
+    from pretrain.plan import predict_current
+
+    bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and torch.cuda.is_available())
+    if os.environ.get("RANK", "0") != "0" or not bf16:
+        return None
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    here = [f"cluster.nodes={max(world_size // per_node, 1)}", f"cluster.gpus_per_node={per_node}"]
+    try:
+        return predict_current([*overrides, *here])
+    except (ConfigError, OSError, ValueError) as err:
+        print(f"warning: no memory plan for this run: {err}", file=sys.stderr, flush=True)
+        return None
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, layout: Layout):
+    def __init__(self, cfg: Config, layout: Layout, memory_plan: dict | None = None):
         self.cfg, self.layout = cfg, layout
+        self.memory_plan = memory_plan  # pretrain.plan's prediction for this layout (rank 0, bf16 runs)
         self.run_dir = Path(cfg.run_dir)
         self.rank = dist.get_rank()
         self.device = runtime.device()
@@ -208,6 +209,13 @@ class Trainer:
         metrics = Metrics(cfg, self.run_dir, self.rank == 0, progress.wandb_run_id, dist.get_world_size())
         self.log(f"training {cfg.stage.name} at {layout} from step {progress.step} to {cfg.train.steps}: "
                  f"{layout.num_microbatches} micro-batches of {cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens per DP rank")
+        if self.memory_plan is not None:
+            from pretrain.plan import describe
+
+            planned = self.memory_plan["allocated_gb_per_stage"][0]
+            self.log(f"memory plan (pretrain.plan, train.recompute={cfg.train.recompute}): {describe(self.memory_plan)}; "
+                     f"this rank (stage 1) should peak at {planned:.2f} GB allocated: the log's 'mem' column")
+            metrics.planned_memory_gb = planned
         batches = iter(loader)
         interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
         metrics.start_interval()
@@ -301,12 +309,12 @@ def _doc_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def train(cfg: Config, layout: Layout) -> int:
+def train(cfg: Config, layout: Layout, memory_plan: dict | None = None) -> int:
     """Entry point for one rank (torch.distributed already initialised)."""
     runtime.init_model_parallel(layout.tp, layout.pp, seed=cfg.train.seed)
     started = time.perf_counter()
     try:
-        code = Trainer(cfg, layout).run()
+        code = Trainer(cfg, layout, memory_plan).run()
     finally:
         runtime.destroy_model_parallel()
     if dist.get_rank() == 0:

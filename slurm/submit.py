@@ -27,6 +27,8 @@ Options:
   --gpu-check      instead of training: one node runs `make gpu-check`'s tests (pytest -m gpu) on
                    cluster.gpus_per_node GPUs (2+ adds the TP2 case), no requeue, 30 minutes;
                    results in RUN_DIR (default runs/gpu-check): table.md, each run's log and metrics
+  --force          submit a layout the planner predicts over cluster.gpu_memory_gb (the prediction
+                   is printed for every GPU job; pretrain.plan finds one that fits)
   --cpu            a CPU cluster: cluster.gpus_per_node is the number of training processes per
                    node, no GPUs are requested, training uses gloo
   --sbatch-arg ARG an extra #SBATCH line for site specifics (repeatable), e.g.
@@ -121,6 +123,8 @@ def plan_job(overrides: list[str], args: argparse.Namespace, run_dir: Path | Non
     check_cluster(cluster)
     world = cluster.nodes * cluster.gpus_per_node
     validate(cfg, world)
+    if not args.cpu:
+        check_memory(cfg, overrides, force=args.force)
     abs_run_dir = Path(os.path.abspath(cfg.run_dir))
     if re.search(r"\s", str(abs_run_dir)):
         raise ConfigError(f"run_dir={abs_run_dir} contains whitespace, which #SBATCH lines cannot carry")
@@ -139,6 +143,25 @@ def plan_job(overrides: list[str], args: argparse.Namespace, run_dir: Path | Non
         final_checkpoint=ckpt_root / step_dir_name(cfg.train.steps),
     )
     return PlannedJob(spec=spec, steps=cfg.train.steps, checkpoint_root=ckpt_root, script=render(spec))
+
+
+def check_memory(cfg, overrides: list[str], force: bool) -> None:
+    """The planner's per-GPU memory prediction for this layout (``python -m pretrain.plan``), printed
+    on stderr; a layout predicted over ``cluster.gpu_memory_gb`` is refused unless ``force``.
+    Unknown GPU memory (cluster=generic) is said, not checked."""
+    from pretrain.plan import describe, predict_current
+
+    if cfg.cluster.gpu_memory_gb <= 0:
+        print(f"{cfg.stage.name}: memory not checked: cluster.gpu_memory_gb is unknown "
+              "(pick cluster=h100_80gb, cluster=h200_141gb or set it)", file=sys.stderr)
+        return
+    prediction = predict_current(overrides)
+    print(f"{cfg.stage.name}: memory plan: {describe(prediction)}", file=sys.stderr)
+    if not prediction["fits"] and not force:
+        raise _config_error()(
+            f"{cfg.stage.name}: predicted {prediction['memory_gb']['total']:.1f} GB per GPU, over "
+            f"cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb:g} by {prediction['over_gb']:.1f} GB; "
+            "find a layout that fits with `python -m pretrain.plan <the same overrides>`, or submit anyway with --force")
 
 
 def plan_gpu_check(overrides: list[str], args: argparse.Namespace) -> PlannedJob:
@@ -274,6 +297,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pipeline", action="store_true", help="chain stage 1 -> 2 -> 3 with afterok")
     parser.add_argument("--gpu-check", action="store_true",
                         help="run the GPU check (make gpu-check's tests) on one GPU node instead of training")
+    parser.add_argument("--force", action="store_true",
+                        help="submit even if the planner predicts the layout does not fit the GPU memory")
     parser.add_argument("--cpu", action="store_true",
                         help="CPU cluster: cluster.gpus_per_node = training processes per node, gloo")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",

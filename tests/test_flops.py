@@ -206,7 +206,8 @@ def test_stage_rules_by_part():
 
 def _metrics(tmp_path, peak: float) -> Metrics:
     cfg = type("Cfg", (), {})()
-    cfg.log = type("Log", (), {"peak_tflops": peak})()
+    cfg.log = type("Log", (), {"every": 1})()
+    cfg.cluster = type("Cluster", (), {"peak_tflops": peak})()
     cfg.wandb = type("Wandb", (), {"mode": "disabled"})()
     cfg.train = type("Train", (), {"steps": 10})()
     return Metrics(cfg, tmp_path, enabled=True, run_id="t", world_size=4)

@@ -102,8 +102,9 @@ class VisionEmbedding(torch.nn.Module):
         _, rows, cols = grid_coordinates(patch_grids, x.shape[0])
         x = vision_rope_2d(x, rows, cols, self.rope_theta_vision)
 
-        # Gather each token's m x m patch neighbourhood in (a, b) order, then one matmul with
-        # the dense kernel laid out as [out, a, b, in].
+        # Gather each token's m x m patch neighbourhood, lay it out as the dense kernel's
+        # [in, a, b] (its own flattened layout: a view of the weight, so no per-micro-batch copy of
+        # it is made or kept for backward), then one matmul.
         n_tokens = x.shape[0] // (m * m)
         image, row, col = grid_coordinates(token_grids, n_tokens)
         first = grid_starts(patch_grids)[image]
@@ -115,6 +116,6 @@ class VisionEmbedding(torch.nn.Module):
             + m * col[:, None, None]
             + offs[None, None, :]
         )
-        neighbourhoods = x[index.reshape(-1)].reshape(n_tokens, -1)
+        neighbourhoods = x[index.reshape(-1)].reshape(n_tokens, m, m, -1).permute(0, 3, 1, 2).flatten(1)
         dense = self.dense_embedding
-        return F.linear(neighbourhoods, dense.weight.permute(0, 2, 3, 1).flatten(1), dense.bias)
+        return F.linear(neighbourhoods, dense.weight.flatten(1), dense.bias)

@@ -86,7 +86,7 @@ CPU = Sizes(
 CPU_MODE = os.environ.get("NEO_GPU_CHECK_CPU") == "1"
 SIZES = CPU if CPU_MODE else GPU
 
-# Dense bf16 TFLOP/s per GPU, for MFU (log.peak_tflops; the trainer reports no MFU without one).
+# Dense bf16 TFLOP/s per GPU, for MFU (cluster.peak_tflops; the trainer reports no MFU without one).
 # First match in the CUDA device name wins; an unknown GPU gets no MFU row check.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 

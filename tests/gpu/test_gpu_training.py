@@ -66,7 +66,7 @@ def overrides(tp: int, data: Path, init: Path | None, stage: str, dtype: str, st
         f"data.num_workers={SIZES.data_workers}", f"data.packing_buffer={SIZES.packing_buffer}",
         "checkpoint.every=1000000", "checkpoint.keep=2",  # saves at the end and on the signal only
         "log.every=1", "wandb.mode=disabled",
-        *([f"log.peak_tflops={peak}"] if peak is not None else []),  # no peak, no MFU
+        *([f"cluster.peak_tflops={peak}"] if peak is not None else []),  # no peak, no MFU
     ]
 
 
@@ -238,7 +238,7 @@ def test_stage2_throughput_memory_mfu(tp, straight):
     elif peak is None:
         mfu_ok = TABLE.add(f"{label(tp)} MFU", "not reported: no peak TFLOP/s known for this device")
     else:
-        mfu_ok = TABLE.add(f"{label(tp)} MFU", f"missing from metrics.jsonl with log.peak_tflops={peak}",
+        mfu_ok = TABLE.add(f"{label(tp)} MFU", f"missing from metrics.jsonl with cluster.peak_tflops={peak}",
                            "reported", False)
 
     memory = max(r["memory_gb"] for r in rows)
@@ -247,8 +247,23 @@ def test_stage2_throughput_memory_mfu(tp, straight):
     memory_ok = TABLE.add(f"{label(tp)} peak {what}, rank 0", f"{memory:.2f} GB",
                           "-" if limit is None else f"<= {limit:.0f} GB",
                           None if limit is None else memory <= limit)
+    # pretrain.plan's prediction for this layout (logged by the trainer of a bf16 run) against the
+    # measured peak: the planner's acceptance is within 10% on a GPU (allocated bytes; no reserve).
+    planned = rows[0].get("planned_memory_gb")
+    plan_ok = True
+    if planned is None:
+        plan_ok = TABLE.add(f"{label(tp)} memory plan (pretrain.plan)", "missing from metrics.jsonl", "logged", False)
+    elif torch.cuda.is_available():
+        error = (planned - memory) / memory
+        plan_ok = TABLE.add(f"{label(tp)} memory plan vs max_memory_allocated, rank 0",
+                            f"{planned:.2f} GB planned, {memory:.2f} GB measured ({100 * error:+.1f}%)",
+                            "within 10%", abs(error) <= 0.10)
+    else:
+        TABLE.add(f"{label(tp)} memory plan, rank 0", f"{planned:.3f} GB planned (compared with "
+                  "max_memory_allocated on GPUs only: RSS is not allocator memory)")
     assert mfu_ok, [r.get("mfu") for r in rows]
     assert memory_ok, f"peak memory {memory:.1f} GB > {limit} GB"
+    assert plan_ok, f"planned {planned} GB, measured {memory:.2f} GB"
 
 
 def test_stage1_bf16_loss_falls_and_post_llm_stays_frozen(data, init_checkpoint, qwen3, work, out_dir,

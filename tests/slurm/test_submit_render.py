@@ -209,3 +209,25 @@ def test_gpu_check_dry_run_is_one_gpu_node_running_the_gpu_tests(tmp_path, capsy
     # Refused with one line: a pipeline or a CPU cluster makes no sense for it.
     assert submit_mod.main(["--dry-run", "--gpu-check", "--cpu"]) == 2
     assert "drop --pipeline and --cpu" in capsys.readouterr().err
+
+
+def test_layout_predicted_over_gpu_memory_is_refused_unless_forced(tmp_path):
+    """neo_9b stage 2 (seq 32768) at TP2 without sequence parallelism or recompute needs far more
+    than an H100's 80 GB: the dry run refuses with the planner's prediction; --force renders it."""
+    run_dir = tmp_path / "neo9b-s2"
+    args = ["--dry-run", "model=neo_9b", "stage=stage2_midtrain", "parallel.tp=2", "train.global_batch_size=256",
+            "cluster=h100_80gb", "cluster.nodes=4", "data.path=/data/mix", f"run_dir={run_dir}"]
+    refused = run_cli("slurm.submit", args)
+    assert refused.returncode == 2 and refused.stdout == ""
+    plan_line, error = refused.stderr.strip().splitlines()
+    assert re.search(r"memory plan: \d+\.\d+ GB per GPU: OVER 80 GB by \d+\.\d GB \(weights ", plan_line), plan_line
+    assert error.startswith("config error: stage2_midtrain: predicted ") and "--force" in error, error
+
+    forced = run_cli("slurm.submit", [*args, "--force"])
+    assert forced.returncode == 0, forced.stderr
+    [(_, script)] = scripts_of(forced.stdout)
+    assert "parallel.tp=2" in script and "OVER 80 GB" in forced.stderr
+
+    fits = run_cli("slurm.submit", [*args[:3], "parallel.tp=8", "parallel.sequence_parallel=true", *args[4:]])
+    assert fits.returncode == 0, fits.stderr
+    assert re.search(r"memory plan: \d+\.\d+ GB per GPU of 80 GB: fits", fits.stderr), fits.stderr

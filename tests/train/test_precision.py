@@ -158,6 +158,8 @@ def test_bf16_run_learns_and_resumes_bit_exactly(tmp_path):
     straight = _run(*common, f"run_dir={tmp_path / 'straight'}")
     losses = [row["loss"] for row in straight]
     assert losses[-1] < losses[0], losses
+    # A bf16 run logs pretrain.plan's memory prediction next to the measured memory.
+    assert all(0 < row["planned_memory_gb"] < 1 for row in straight), straight
     step2 = tmp_path / "straight" / "checkpoints" / "step_00000002"
     optimizer = step2 / "optimizer" / "zero" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
     assert optimizer.is_file()  # the BF16 optimizer (fp32 accumulation), not ZeRO's bf16-gradient one
