@@ -51,3 +51,14 @@ def test_unknown_keys_are_rejected_by_the_schema():
         compose(["+model.hiden_size=3"])
     with pytest.raises(Exception, match="tpp"):
         compose(["parallel.tpp=2"])
+
+
+def test_cluster_presets_carry_the_gpu_facts():
+    """Training (MFU), pretrain.plan and slurm.submit read the GPUs' facts from one place."""
+    generic = compose([]).cluster
+    assert (generic.gpu_memory_gb, generic.peak_tflops, generic.intra_node_gbps, generic.inter_node_gbps) == (0, 0, 0, 0)
+    h100 = compose(["cluster=h100_80gb", "cluster.nodes=4"]).cluster
+    assert (h100.nodes, h100.gpus_per_node, h100.gpu_memory_gb, h100.peak_tflops) == (4, 8, 80, 989)
+    h200 = compose(["cluster=h200_141gb"]).cluster
+    assert (h200.gpu_memory_gb, h200.peak_tflops) == (141, 989)
+    assert h200.intra_node_gbps > h200.inter_node_gbps > 0

@@ -21,14 +21,16 @@ exactly as on that rank:
   patch embedding), per extra supervised token (the LM head and loss run only there without
   sequence parallelism).
 
-Both need a process without CUDA and without a process group of its own (the CLI, ``slurm.submit``
-on a login node); ``measure_in_subprocess`` runs them elsewhere (the trainer).
+Both need a process without CUDA and without a process group of its own: ``python -m pretrain.plan``
+hides the GPUs before torch looks for them, and ``pretrain.plan.predict_current`` (slurm.submit, the
+trainer) runs it as a child process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -96,11 +98,9 @@ def fake_world(tp: int, pp: int, pp_rank: int = 0) -> Iterator[None]:
 
     from pretrain.distributed import cpu_compat
 
-    import warnings
-
     if torch.cuda.is_available() or dist.is_initialized():
         raise RuntimeError("the planner's probe needs a process without CUDA and without a process group; "
-                           "use probe.measure_in_subprocess")
+                           "use pretrain.plan.predict_current")
     cpu_compat.apply()
     dist.init_process_group("fake", store=FakeStore(), rank=pp_rank * tp, world_size=tp * pp)
     try:
@@ -117,7 +117,6 @@ def fake_world(tp: int, pp: int, pp_rank: int = 0) -> Iterator[None]:
 
 def _quiet_megatron() -> None:
     import logging
-    import warnings
 
     warnings.filterwarnings("ignore", module="megatron")
     logging.getLogger("megatron").setLevel(logging.ERROR)
@@ -289,11 +288,7 @@ def activation_profile(neo: NeoModelConfig, trainable: tuple[str, ...], tp: int,
     return ActivationProfile(regions)
 
 
-# --------------------------------------------------------------------------------- in a subprocess
-
-
-def probe_allowed_here() -> bool:
-    return not torch.cuda.is_available() and not dist.is_initialized()
+# -------------------------------------------------------------------------------- child process
 
 
 def cpu_only_env() -> dict[str, str]:
