@@ -8,6 +8,10 @@ Both saves are durable: dist_checkpointing's writer fsyncs every file it writes,
 fsyncs its one file. Loads read what was just written, from the page cache: an upper bound for a
 cold read from a real file system; the ratio is what to watch.
 
+What the restricted unpickling costs (pretrain/checkpoint/restricted.py): ``load_weights`` against
+the same dist_checkpointing load without ``check_weights``, and the ZeRO optimizer state through
+the restricted DeepSpeed loader against DeepSpeed's own (``weights_only=False``).
+
     python -m bench.checkpoint [--quick]
 """
 
@@ -72,8 +76,18 @@ def _rank_body(quick: bool, repeats: int, work: str) -> list[dict]:
         def load_torch():
             model.load_state_dict(torch.load(latest["torch"], weights_only=True), strict=True)
 
+        def load_unchecked():  # load_weights before the restricted check
+            from megatron.core import dist_checkpointing
+            from megatron.core.dist_checkpointing.validation import StrictHandling
+
+            state = dist_checkpointing.load(model.sharded_state_dict(), str(latest["ours"]),
+                                            strict=StrictHandling.RAISE_ALL)
+            model.load_state_dict(state, strict=True)
+
         save = interleaved({"ours": save_ours, "torch": save_torch}, repeats, warmup=1)
         load = interleaved({"ours": load_ours, "torch": load_torch}, repeats, warmup=1)
+        check = interleaved({"checked": load_ours, "unchecked": load_unchecked}, repeats, warmup=1)
+        optimizer = _optimizer_loads(model, work, repeats)
         gb = nbytes / 1e9
         size = (f"{neo.num_parameters() / 1e6:.0f}M-parameter NEO, {nbytes / 1e6:.0f} MB fp32, one rank; saves "
                 f"fsync'ed, loads from the page cache")
@@ -86,7 +100,51 @@ def _rank_body(quick: bool, repeats: int, work: str) -> list[dict]:
                        f"torch {spread(secs['torch'])}; median of per-round ratios "
                        f"{paired_ratio(secs['ours'], secs['torch']):.2f})"),
             )))
+        for what, secs, (a, b) in (("weights", check, ("checked", "unchecked")),
+                                   ("ZeRO optimizer state", optimizer, ("restricted", "deepspeed"))):
+            out.append(asdict(Result(
+                name=f"checkpoint/load {what}, restricted unpickling",
+                value=median(secs[a]), unit="s", baseline_value=median(secs[b]),
+                notes=(f"{a} vs {b} load, {size}; cost {100 * (paired_ratio(secs[a], secs[b]) - 1):+.1f}% "
+                       f"(median of per-round ratios; {a} {spread(secs[a])}, {b} {spread(secs[b])})"),
+            )))
     return out
+
+
+def _optimizer_loads(model, work: Path, repeats: int) -> dict[str, list[float]]:
+    """Seconds to load a ZeRO-1 checkpoint of ``model`` through the restricted loader and through
+    DeepSpeed's own."""
+    from bench.timing import interleaved
+    from pretrain.config import OptimConfig
+    from pretrain.checkpoint.restricted import restricted_checkpoint_engine
+    from pretrain.optim.zero import _quiet, build_engine
+
+    engine, _ = build_engine(model, OptimConfig(), total_steps=10, micro_batch_size=1, num_microbatches=1,
+                             bf16=False)
+    from pretrain.optim.zero import main_grads
+    from pretrain.plan.probe import probe_batch
+    from pretrain.schedule import finalize_grads, forward_backward
+
+    forward_backward(model, [probe_batch(model.neo, True, True, tokens=256)])  # Adam state exists after a step
+    finalize_grads(model, main_grads(engine), reduce_data_parallel=False)
+    engine.set_gradient_accumulation_boundary(True)
+    engine.allreduce_gradients()
+    engine.step()
+    with _quiet():
+        engine.save_checkpoint(str(work / "zero"), tag="zero", save_latest=False)
+    stock, restricted = engine.checkpoint_engine, restricted_checkpoint_engine(engine._config)
+
+    def load(checkpoint_engine):
+        def run():
+            engine.checkpoint_engine = checkpoint_engine
+            with _quiet():
+                engine.load_checkpoint(str(work / "zero"), tag="zero", load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+        return run
+
+    secs = interleaved({"restricted": load(restricted), "deepspeed": load(stock)}, repeats, warmup=1)
+    engine.destroy()
+    return secs
 
 
 def run(quick: bool = False, repeats: int | None = None) -> list[Result]:

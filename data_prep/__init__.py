@@ -47,9 +47,11 @@ The JSON object (fields in this order; absent optional fields are left out, not 
   synthetic only:       ``qa_type`` ("color"|"shape"|"count"|"position"|"compare") and
                         ``answer`` (one word, exact-match) on conversations; ``scenes`` (the
                         drawn objects) on caption and conversation samples.
-Text is never edited apart from the tag insertion above. Text containing reserved control
-strings (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ``<IMG_CONTEXT>``, ``<img>``,
-``</img>``) is rejected, so the trainer may tokenize contents with special tokens enabled.
+Text is never edited apart from the tag insertion above. Text containing any special token of
+the tokenizer (NEO's 16: ``<|endoftext|>``, ``<|im_start|>``, ``<ref>``, ``<box>``, ...; with
+``--tokenizer``, every added token of that tokenizer) is rejected as ``reserved_token``: data text
+never becomes a control token. The trainer tokenizes text with special tokens split as plain text
+as well (defence in depth for shards built elsewhere).
 
 Images: decoded with PIL (allow-listed containers), EXIF-rotated upright, converted to RGB
 (palette, alpha composited on white, CMYK, 16-bit scaled to 8-bit), resized with bicubic

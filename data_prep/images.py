@@ -25,11 +25,27 @@ PRETRAIN_MAX_PIXELS = 4_194_304
 SFT_MAX_PIXELS = 16_777_216
 # Same default as PIL's own warning threshold; over it an image is treated as a decompression bomb.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# The byte limit on an image *file*, derived from the pixel limit (see max_image_file_bytes): no
+# image we would accept can be bigger than its pixels stored uncompressed at the widest sample
+# layout PIL decodes for us (16-bit RGBA: 8 bytes per pixel) plus room for metadata (EXIF, ICC,
+# XMP, thumbnails). With the default pixel limit that is 732,605,096 bytes (about 699 MiB).
+MAX_ENCODED_BYTES_PER_PIXEL = 8
+ENCODED_METADATA_ALLOWANCE = 16 * 1024 * 1024
 # Containers we agree to parse. An allow-list keeps PIL away from formats that shell out
 # (EPS -> ghostscript) or are rarely well tested. "JPEG" also opens MPO (what many phone
 # cameras write); the first picture is used.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 IMAGE_FORMATS = {"jpeg": "jpg", "png": "png"}  # --image-format -> file extension in the shard
+
+
+def max_image_file_bytes(max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> int:
+    """Largest image file (encoded bytes) read from disk for a given decompression-bomb limit.
+
+    Files over it are rejected (``image_too_large``) from their size alone, and never more than
+    this many bytes (+1, to detect a file whose reported size lies) are read, so a huge or
+    endless file cannot exhaust memory before the pixel limit is even checked.
+    """
+    return max_image_pixels * MAX_ENCODED_BYTES_PER_PIXEL + ENCODED_METADATA_ALLOWANCE
 
 
 class AspectRatioError(ValueError):
@@ -178,7 +194,7 @@ def _open(data: bytes, max_image_pixels: int) -> Image.Image:
             ) from None
         raise Reject(
             "corrupt_image",
-            f"not a recognised image ({len(data)} bytes; allowed: {', '.join(ALLOWED_FORMATS)})",
+            f"not a recognised image (allowed: {', '.join(ALLOWED_FORMATS)})",  # no size: it says too much
         ) from None
     except Exception as exc:  # PIL raises many types on hostile headers
         raise Reject("corrupt_image", f"cannot parse image header: {type(exc).__name__}: {exc}") from None

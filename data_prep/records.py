@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_prep.rejects import Reject
-from data_prep.schema import IMAGE_TAG, RESERVED_STRINGS, make_key
+from data_prep.schema import IMAGE_TAG, make_key
+from data_prep.tokenizer import SPECIAL_TOKENS, reserved_pattern
 
 # An image reference: a file path (str), the encoded bytes themselves (parquet tables often embed
 # them), or a synthetic scene description (dict) that the worker renders.
@@ -60,15 +61,25 @@ class Rejected:
     record: Any
 
 
+# Every one of NEO's special tokens (the list the tokenizer is built from), as one alternation
+# compiled once per process. A build given --tokenizer also refuses that tokenizer's whole added
+# vocabulary, in its workers (data_prep.tokenizer.TextTokenCounter.check).
+_RESERVED = reserved_pattern(SPECIAL_TOKENS)
+
+
 def check_text(value: str, what: str) -> None:
-    """Reject text that is not valid UTF-8 or that would smuggle control tokens into training."""
+    """Reject text that is not valid UTF-8 or that would smuggle control tokens into training.
+
+    Any special token at all is refused, grounding markup (``<ref>``, ``<box>``, ...) included:
+    a tokenizer would turn it into a control id, so data text must not carry it.
+    """
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise Reject("invalid_utf8", f"{what} is not valid UTF-8") from None
-    for token in RESERVED_STRINGS:
-        if token in value:
-            raise Reject("reserved_token", f"{what} contains the reserved string {token!r}")
+    match = _RESERVED.search(value)
+    if match:
+        raise Reject("reserved_token", f"{what} contains the special token {match.group()!r}")
 
 
 def has_invalid_utf8(value: Any) -> bool:

@@ -25,10 +25,15 @@ REASONS: dict[str, str] = {
     "unknown_role": "a turn's role is not human/user, gpt/assistant or system",
     "empty_text": "caption or text is empty",
     "image_tag_mismatch": "the number of <image> tags differs from the number of images",
-    "reserved_token": "text contains a reserved special-token string such as <|im_end|>",
+    "reserved_token": "text contains a special token of the tokenizer (<|im_end|>, <ref>, ...), which would become a control token",
     "duplicate_key": "an earlier input already produced this sample key",
+    "image_outside_root": (
+        "the image path resolves outside the image root (absolute path, '..' or symlink), or no root is set"
+    ),
     "missing_image": "the image file does not exist",
-    "unreadable_image": "the image file exists but cannot be read (permissions, a directory, I/O error)",
+    "unreadable_image": "the image file exists but cannot be read (permissions, I/O error)",
+    "not_a_regular_file": "the image path names a directory, FIFO, socket or device, not a regular file",
+    "image_too_large": "the image file is over the byte limit derived from --max-image-pixels",
     "zero_size": "the image file is empty or the image has a zero dimension",
     "corrupt_image": "not an image, an unsupported container, or truncated/corrupt data",
     "unsupported_image": "a pixel mode that cannot be converted to RGB without guessing (e.g. float)",

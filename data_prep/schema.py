@@ -35,8 +35,6 @@ NEO_SPECIAL_TOKENS = (
     "<|interpreter|>",
 )
 EOS_TOKEN = "<|endoftext|>"
-# Strings that must never appear in data text: a tokenizer would turn them into control tokens.
-RESERVED_STRINGS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>", "<IMG_CONTEXT>", "<img>", "</img>")
 
 _KEY_OK = re.compile(r"[A-Za-z0-9_-]+")
 _KEY_BAD_CHAR = re.compile(r"[^A-Za-z0-9_-]")

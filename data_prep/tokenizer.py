@@ -4,18 +4,26 @@ Real runs use a Qwen3 tokenizer directory; the demo and the tests need a self-co
 trained here on a data set's own text with HF `tokenizers` and saved as an HF
 `PreTrainedTokenizerFast` directory. `<|endoftext|>` gets id 0 (eos and pad), then NEO's special
 tokens follow in the spec's order (ids 1..15), then the learned byte-level vocabulary.
+
+`SPECIAL_TOKENS` is the one list of NEO's special tokens: the tokenizer is trained with it and
+data_prep refuses text that contains any of them (`records.check_text`). A build given a
+tokenizer directory also refuses every added/special token of *that* tokenizer
+(`TextTokenCounter.check`, in the workers), so a Qwen tokenizer's extra control tokens cannot be
+smuggled in either.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from data_prep.rejects import Reject
 from data_prep.schema import EOS_TOKEN, IMAGE_TAG, NEO_SPECIAL_TOKENS
 
 # ChatML, as the spec's template: <|im_start|>{role}\n{content}<|im_end|>\n
@@ -25,7 +33,37 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-SPECIAL_TOKENS = (EOS_TOKEN, *NEO_SPECIAL_TOKENS)
+SPECIAL_TOKENS = (EOS_TOKEN, *NEO_SPECIAL_TOKENS)  # what the demo tokenizer's ids 0..15 are
+
+
+def special_token_strings(tokenizer) -> tuple[str, ...]:
+    """Every added or special token of a tokenizer, in id order: its whole added vocabulary.
+
+    ``tokenizer`` is an HF ``tokenizers.Tokenizer`` (a tokenizer.json) or a transformers
+    tokenizer (4.x or 5.x: ``added_tokens_decoder`` plus ``all_special_tokens``). Special or not,
+    an added token is matched in text before the model sees it, so text holding one would
+    become that token's id. ``<image>`` is left out: it is data_prep's image tag, split off
+    before any text is tokenised.
+    """
+    if hasattr(tokenizer, "added_tokens_decoder"):  # transformers
+        decoder = tokenizer.added_tokens_decoder or {}
+    else:  # tokenizers.Tokenizer
+        decoder = tokenizer.get_added_tokens_decoder()
+    specials = list(getattr(tokenizer, "all_special_tokens", None) or [])
+    found = [getattr(decoder[i], "content", str(decoder[i])) for i in sorted(decoder)]
+    found += [str(t) for t in specials]
+    return tuple(dict.fromkeys(t for t in found if t and t != IMAGE_TAG))
+
+
+def reserved_pattern(tokens: Iterable[str]) -> re.Pattern[str]:
+    """One compiled alternation that finds any of ``tokens`` in a string (build it once).
+
+    Longest first, so the match names the whole token when one token is a prefix of another.
+    """
+    unique = sorted({t for t in tokens if t and t != IMAGE_TAG}, key=lambda t: (-len(t), t))
+    if not unique:
+        return re.compile(r"(?!)")  # matches nothing
+    return re.compile("|".join(re.escape(t) for t in unique))
 
 
 def text_segments(sample: dict) -> list[str]:
@@ -126,8 +164,23 @@ def texts_from_data(data_dirs: Iterable[Path]) -> Iterator[str]:
             yield from training_texts(sample)
 
 
+def _named_texts(sample: dict) -> Iterator[tuple[str, str]]:
+    """(what, text) for every piece of text a sample carries (turn contents, caption, text)."""
+    if sample.get("kind") == "conversation":
+        for i, turn in enumerate(sample["conversations"]):
+            yield f"turn {i}", turn["content"]
+    else:
+        yield sample.get("kind") or "text", sample.get("text", "")
+
+
 class TextTokenCounter:
-    """Counts text tokens per sample with a tokenizer dir's tokenizer.json (no transformers import)."""
+    """Counts text tokens per sample with a tokenizer dir's tokenizer.json (no transformers import).
+
+    Built once per build worker. It also refuses text that holds any added/special token of
+    this tokenizer (``check``, called by ``count``): the worker turns that ``Reject`` into a
+    ``reserved_token`` reject, so a build given ``--tokenizer`` refuses that tokenizer's whole
+    added vocabulary, beyond NEO's own list that ``records.check_text`` refuses everywhere.
+    """
 
     def __init__(self, tokenizer_dir: str | Path):
         from tokenizers import Tokenizer
@@ -136,8 +189,20 @@ class TextTokenCounter:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (an HF fast tokenizer directory is required)")
         self._tok = Tokenizer.from_file(str(path))
+        # Count text as the trainer tokenises it: special-token strings as plain text.
+        self._tok.encode_special_tokens = True
+        self.special_tokens = special_token_strings(self._tok)
+        self._reserved = reserved_pattern((*SPECIAL_TOKENS, *self.special_tokens))
+
+    def check(self, sample: dict) -> None:
+        """Raise ``Reject("reserved_token")`` if any text of the sample holds a special token."""
+        for what, text in _named_texts(sample):
+            match = self._reserved.search(text)
+            if match:
+                raise Reject("reserved_token", f"{what} contains the special token {match.group()!r}")
 
     def count(self, sample: dict) -> int:
+        self.check(sample)
         segments = text_segments(sample)
         if not segments:
             return 0

@@ -3,7 +3,9 @@
 Checks the shard set, each shard's size and sha256 (any edit or truncation after the build),
 then reads every tar member, checks every sample JSON against the contract, decodes every image
 and compares it with its recorded size, and reconciles all counts (per shard, per kind, images,
-image tokens, rejects by reason, inputs = written + rejected) and the Energon metadata.
+image tokens, rejects by reason, inputs = written + rejected) and the Energon metadata: `.nv-meta/`
+must be exactly what energon_prepare writes (the trainer's own check: nothing that names code or
+files elsewhere) and every `.tar.idx` must be the index of its shard (data_prep.energon_prepare).
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from data_prep.energon_prepare import (
+    META_DIR,
+    TAR_INDEX_SUFFIX,
+    check_energon_metadata,
+    check_tar_index,
+    load_json_data,
+)
 from data_prep.manifest import FORMAT_NAME, REJECTS_NAME, load_manifest
 from data_prep.schema import SCHEMA_VERSION, image_member, make_key, validate_sample
 
@@ -216,11 +225,32 @@ def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
         )
 
     if check_energon and manifest["shards"]:
-        meta = directory / ".nv-meta"
-        for name in ("dataset.yaml", "split.yaml"):
-            if not (meta / name).is_file():
-                errors.append(f".nv-meta/{name} is missing (energon prepare did not run)")
-        for entry in manifest["shards"]:
-            if not (directory / (entry["name"] + ".idx")).is_file():
-                errors.append(f"{entry['name']}.idx is missing (energon prepare did not run)")
+        _check_energon(directory, manifest, errors)
     return report
+
+
+def _check_energon(directory: Path, manifest: dict, errors: list[str]) -> None:
+    """`.nv-meta/` is exactly what energon_prepare writes (the trainer's own check, so a directory
+    that verifies also loads), its counts are the manifest's, and every `.tar.idx` indexes its shard."""
+    meta = directory / META_DIR
+    missing = [name for name in ("dataset.yaml", "split.yaml", ".info.json") if not (meta / name).is_file()]
+    for name in missing:
+        errors.append(f"{META_DIR}/{name} is missing (energon prepare did not run)")
+    if not missing:
+        problems = check_energon_metadata(directory)
+        errors.extend(problems)
+        if not problems:
+            counts = load_json_data(meta / ".info.json")["shard_counts"]
+            listed = {e["name"]: e["samples"] for e in manifest["shards"]}
+            if counts != listed:
+                errors.append(
+                    f"{META_DIR}/.info.json shard_counts {counts} differ from the manifest's shards {listed}"
+                )
+    for entry in manifest["shards"]:
+        path = directory / entry["name"]
+        if path.is_file():
+            problem = check_tar_index(path)
+            if problem:
+                errors.append(problem)
+        elif not path.with_name(path.name + TAR_INDEX_SUFFIX).is_file():
+            errors.append(f"{entry['name']}.idx is missing (energon prepare did not run)")

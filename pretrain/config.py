@@ -67,6 +67,10 @@ class DataConfig:
     num_workers: int = 1
     packing_buffer: int = 512  # samples first-fit packed together (fill ~0.97 at seq 1024)
     shuffle_buffer: int = 256
+    # false: the loader refuses data whose Energon metadata (.nv-meta/, blend YAMLs) is not what
+    # data_prep writes, since it can name classes and Python files Energon imports and runs.
+    # true: hand it to Energon as is; only for data whose code you trust.
+    trust_dataset_code: bool = False
 
 
 @dataclass

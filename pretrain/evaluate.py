@@ -127,11 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pretrain.checkpoint import checkpointer
+
+    started = time.perf_counter()
+    try:
+        return _evaluate(args, started)
+    except checkpointer.CheckpointError as err:  # damaged, incomplete or crafted checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _evaluate(args: argparse.Namespace, started: float) -> int:
+    from pretrain.checkpoint import checkpointer
     from pretrain.checkpoint.weights import load_weights
     from pretrain.convert.hf import read_model_config, single_process_model
     from pretrain.data.template import ChatTemplate, load_tokenizer
 
-    started = time.perf_counter()
     ckpt = checkpointer.resolve(args.checkpoint)
     template = ChatTemplate(load_tokenizer(args.tokenizer or ckpt / "tokenizer"))
     questions = read_questions(args.data, args.max_samples)

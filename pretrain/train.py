@@ -37,6 +37,7 @@ def main(argv: list[str]) -> int:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     from pretrain.distributed import runtime
+    from pretrain.checkpoint.checkpointer import CheckpointError
     from pretrain.trainer import NonFiniteError, train
 
     memory_plan = _memory_plan(cfg, overrides, world_size)
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteError as err:
+    except (NonFiniteError, CheckpointError) as err:  # CheckpointError: damaged, incomplete or crafted
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -101,8 +101,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.init.checkpoint:
             try:
-                path = ckpt.resolve(cfg.init.checkpoint, self.log)
-            except FileNotFoundError as err:
+                path = self.checkpoints.on_rank0(lambda: ckpt.resolve(cfg.init.checkpoint, self.log))
+            except ckpt.CheckpointError as err:
                 raise ConfigError(f"init.checkpoint: {err}") from None
             self._check_shape(path)
             return path / "model"
@@ -121,6 +121,11 @@ class Trainer:
             dist.broadcast(ok, src=0)  # every rank learns the outcome: nobody waits for a dead peer
             if not ok.item():
                 raise ConfigError(failure or "converting init.hf_llm failed on rank 0 (see its log)")
+            try:
+                # A conversion left by an earlier run is checked like any checkpoint.
+                self.checkpoints.on_rank0(lambda: ckpt.resolve(out, self.log))
+            except ckpt.CheckpointError as err:
+                raise ConfigError(f"init.hf_llm: {err}; delete {out} to convert {cfg.init.hf_llm} again") from None
             self._check_shape(out)
             return out / "model"
         self.log("warning: neither init.hf_llm nor init.checkpoint is set: the model starts from random weights")
@@ -143,6 +148,7 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size, dp_rank=ps.get_data_parallel_rank(),
             dp_size=self.layout.dp, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
             packing_buffer=cfg.data.packing_buffer, shuffle_buffer=cfg.data.shuffle_buffer,
+            trust_dataset_code=cfg.data.trust_dataset_code,
         )
 
     # ------------------------------------------------------------------------------------ loop

@@ -34,6 +34,10 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded (damaged, incomplete, crafted). One line."""
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -67,22 +71,33 @@ def write_manifest(directory: Path, step: int) -> None:
 
 
 def verify(directory: Path, deep: bool = True) -> str | None:
-    """None if ``directory`` is a complete checkpoint, else why not (one line)."""
+    """None if ``directory`` is a complete checkpoint, else why not (one line): every file the
+    manifest lists is there with its size and sha256 (``deep``), and no file is there that it does
+    not list. This catches corruption and truncation, not a forger, who can rewrite the manifest;
+    against that, nothing in a checkpoint is loaded as code (``restricted``)."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
         return "no manifest (incomplete save)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        return f"unreadable manifest: {err}"
-    for rel, meta in files.items():
+        listed = {rel: (int(meta["bytes"]), str(meta["sha256"])) for rel, meta in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"unreadable manifest: {type(err).__name__}"
+    for rel, (size, sha) in listed.items():
         path = directory / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"the manifest names a file outside the checkpoint: {rel!r}"
         if not path.is_file():
             return f"{rel} is missing"
-        if path.stat().st_size != meta["bytes"]:
-            return f"{rel} has {path.stat().st_size} bytes, the manifest says {meta['bytes']}"
-        if deep and _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, the manifest says {size}"
+        if deep and _sha256(path) != sha:
             return f"{rel} does not match its sha256"
+    extra = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                   if (p.is_file() or p.is_symlink()) and p.name != MANIFEST
+                   and p.relative_to(directory).as_posix() not in listed)
+    if extra:
+        return f"{extra[0]} is not in the manifest" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
     return None
 
 
@@ -152,7 +167,9 @@ def save_rng(path: Path) -> None:
 def load_rng(path: Path) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = torch.load(path, weights_only=True)
+    from pretrain.checkpoint.restricted import load_torch
+
+    state = load_torch(path, path)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -172,11 +189,15 @@ def fault_point(where: str, step: int) -> None:
 
 def resolve(path: str | Path, log=print) -> Path:
     """A checkpoint given as its step directory, or as a directory of checkpoints (its newest
-    complete one). Tools accept either, so users can point at ``run_dir/checkpoints``."""
+    complete one), checked against its manifest. Every tool that loads one (``init.checkpoint``,
+    ``pretrain.convert to-hf``, ``pretrain.evaluate``) goes through here."""
     path = Path(path)
     if (path / "model").is_dir() and (path / "config.yaml").is_file():
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
         return path
     found = find_resumable(path, log)
     if found is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a directory holding a complete one")
+        raise CheckpointError(f"{path} is neither a checkpoint nor a directory holding a complete one")
     return found

@@ -75,13 +75,31 @@ class CheckpointManager:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return None
-        if mode != "auto":
-            path = Path(mode)
-            problem = ckpt.verify(path)
-            if problem:
-                raise ConfigError(f"checkpoint.resume={path} is not usable: {problem}")
-            return path
-        return ckpt.find_resumable(self.root, self.log)
+
+        def pick() -> Path | None:
+            if mode != "auto":
+                path = Path(mode)
+                problem = ckpt.verify(path)
+                if problem:
+                    raise ConfigError(f"checkpoint.resume={path} is not usable: {problem}")
+                return path
+            return ckpt.find_resumable(self.root, self.log)
+        return self.on_rank0(pick)
+
+    def on_rank0(self, fn):
+        """``fn()`` on rank 0 only (checking a manifest reads every byte of a checkpoint: once, not
+        once per rank), its result or its one-line error on every rank."""
+        box: list = [None]
+        if self.rank == 0:
+            try:
+                box[0] = ("ok", fn())
+            except (ConfigError, ckpt.CheckpointError) as err:
+                box[0] = (type(err).__name__, str(err))
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "ok":
+            return value
+        raise (ConfigError if kind == "ConfigError" else ckpt.CheckpointError)(value)
 
     def restore_weights(self, model, path: Path) -> None:
         """Step 2: the weights (they reshard to this layout), after checking the layout allows the rest."""

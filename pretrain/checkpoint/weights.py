@@ -2,8 +2,8 @@
 
 A weights directory is written by every rank together (each writes its own shards; replicas
 once) and can be read back at any layout: the sharded state dict of the model being loaded says
-which global slices each rank needs. The common (non-tensor) part is read by torch.load with
-its default weights_only=True: no pickle code runs on load.
+which global slices each rank needs. Nothing in it is loaded as code: ``restricted.check_weights``
+admits the pickles torch reads here only if they hold nothing but checkpoint data.
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ def save_weights(model, directory: str | Path) -> None:
 def load_weights(model, directory: str | Path) -> None:
     """Collective. The checkpoint and the model must hold exactly the same tensors (RAISE_ALL)."""
     directory = Path(directory)
+    from pretrain.checkpoint.checkpointer import CheckpointError
+    from pretrain.checkpoint.restricted import check_weights
+
     if not (directory / "metadata.json").is_file() and not any(directory.glob("*.distcp")):
-        raise FileNotFoundError(f"{directory} holds no megatron dist checkpoint (no metadata.json)")
+        raise CheckpointError(f"{directory} holds no megatron dist checkpoint (no metadata.json)")
+    check_weights(directory)
     state = dist_checkpointing.load(
         model.sharded_state_dict(), os.fspath(directory), strict=StrictHandling.RAISE_ALL
     )

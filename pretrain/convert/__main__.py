@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from pretrain.checkpoint.checkpointer import CheckpointError
 from pretrain.convert.hf import from_hf, to_hf
 
 
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             to_hf(args.ckpt, args.out, qwen3=args.qwen3, dtype=args.dtype)
             what = "Qwen3" if args.qwen3 else "reference NEO layout"
+    except CheckpointError as err:  # damaged, incomplete or crafted: a failure, not a usage error
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,11 +22,7 @@ from safetensors.torch import load_file, save_file
 from pretrain.convert import hf_config, mapping
 from pretrain.model.config import NeoModelConfig
 
-# NEO's added tokens, in the reference's order (shared/spec/NEO_MODEL.md, "Tokens").
-NEO_SPECIAL_TOKENS = (
-    "<IMG_CONTEXT>", "<img>", "</img>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
-    "<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>",
-)
+from data_prep.schema import NEO_SPECIAL_TOKENS  # NEO's added tokens, in the reference's order
 VOCAB_MULTIPLE = 128  # embedding rows are padded to this (divisible by any TP size we use)
 SHARD_BYTES = 5 * 1024**3
 
@@ -117,12 +113,16 @@ def save_model_checkpoint(model, neo: NeoModelConfig, out: str | Path, tokenizer
     """Weights + model config (+ tokenizer): a checkpoint training can start from. Collective."""
     from pretrain.checkpoint.weights import save_weights
 
+    from pretrain.checkpoint.checkpointer import write_manifest
+
     out = Path(out)
     save_weights(model, out / "model")
     if torch.distributed.get_rank() == 0:
         (out / "config.yaml").write_text(yaml.safe_dump({"model": asdict(neo)}, sort_keys=False))
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "tokenizer")
+        write_manifest(out, step=0)  # every load checks it (checkpointer.resolve)
+    torch.distributed.barrier()
 
 
 # ------------------------------------------------------------------------------------ from HF

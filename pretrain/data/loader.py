@@ -22,6 +22,16 @@
           - {weight: 5, path: conversations}
           - {weight: 2, path: text}
 
+Untrusted data runs no code: Energon's metadata can name classes to import and Python files to
+run (``sample_loader`` / ``part_filter`` in ``.nv-meta/dataset.yaml``, ``__module__``/``__class__``
+anywhere), and tar files outside the directory. Before Energon reads anything, the loader accepts
+only a directory whose ``.nv-meta/`` is exactly what data_prep writes
+(``data_prep.energon_prepare.check_energon_metadata``, also run by ``python -m data_prep verify``)
+or a blend YAML of the form above (``MetadatasetV2`` from ``megatron.energon``; ``splits`` ->
+``{path}`` or ``{blend: [{path, weight, subflavors, split_part}]}``; plain-scalar subflavors;
+local paths to such directories or such blends). Anything else is a one-line ``ConfigError``
+naming the file and key, unless ``trust_dataset_code`` (``data.trust_dataset_code=true``).
+
 Data parallelism: Energon splits the data over ``dp_size`` ranks by ``dp_rank``; every rank of
 one model-parallel group (same ``dp_rank``) builds the same loader and so gets the same
 micro-batches. Given ``seed``, the sequence of batches is deterministic.
@@ -44,6 +54,8 @@ from pathlib import Path
 
 from megatron.energon import WorkerConfig, get_savable_loader, get_train_dataset
 
+from data_prep.energon_prepare import ENERGON_MODULE, MetadataError, check_energon_metadata, load_yaml_data
+from pretrain.config import ConfigError
 from pretrain.data.state import from_plain, to_plain
 from pretrain.data.task_encoder import MicroBatch, NeoTaskEncoder, SampleErrorLog, single_thread
 from pretrain.data.template import load_tokenizer
@@ -73,6 +85,9 @@ class LoaderConfig:
     max_samples_per_sequence: int | None = 64  # samples read in a row from one shard slice
     repeat: bool = True  # False: stop after one pass (tests, evaluation)
     prefetch_factor: int = 2
+    # True: hand Energon metadata that data_prep does not write (class/module references, Python
+    # files to run, shards elsewhere) to Energon as is. Only for data whose code you trust.
+    trust_dataset_code: bool = False
 
 
 @dataclass
@@ -132,6 +147,110 @@ def _check_data_path(path: str) -> None:
         raise FileNotFoundError(f"data path {p} does not exist")
 
 
+BLEND_HEADER = {"__module__": ENERGON_MODULE, "__class__": "MetadatasetV2"}
+_BLEND_ITEM_KEYS = ("path", "weight", "subflavors", "split_part")  # an entry of splits.<part>.blend
+_REFERENCE_KEYS = ("path", "subflavors", "split_part")  # splits.<part> naming one data set
+_MAX_BLEND_DEPTH = 8
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _reference_problems(
+    blend: Path, where: str, ref, allowed: tuple[str, ...], stack: tuple[Path, ...]
+) -> list[str]:
+    """Problems of one data set reference in a blend, and of what its path points at."""
+    if not isinstance(ref, dict):
+        return [f"{blend}: {where} is not a mapping"]
+    for key in ref:
+        if key not in allowed:
+            return [f"{blend}: {where}.{key} is not allowed (the blends we read use only {', '.join(allowed)})"]
+    target = ref.get("path")
+    if not isinstance(target, str) or not target:
+        return [f"{blend}: {where}.path is missing or not a string"]
+    if "weight" in ref and (isinstance(ref["weight"], bool) or not isinstance(ref["weight"], (int, float))):
+        return [f"{blend}: {where}.weight {ref['weight']!r} is not a number"]
+    subflavors = ref.get("subflavors")
+    if subflavors is not None and (
+        not isinstance(subflavors, dict)
+        or not all(isinstance(k, str) and _is_scalar(v) for k, v in subflavors.items())
+    ):
+        return [f"{blend}: {where}.subflavors is not a mapping of names to plain values"]
+    if "split_part" in ref and not isinstance(ref["split_part"], str):
+        return [f"{blend}: {where}.split_part is not a string"]
+    if "://" in target:
+        return [f"{blend}: {where}.path {target!r} is not a local path"]
+    resolved = blend.parent / target
+    if resolved.is_dir():
+        return [f"{blend}: {where}.path {target!r}: {p}" for p in check_energon_metadata(resolved)]
+    if resolved.is_file() and resolved.suffix == ".yaml":
+        return [f"{blend}: {where}.path {target!r}: {p}" for p in _blend_problems(resolved, stack)]
+    return [f"{blend}: {where}.path {target!r} is not a data_prep directory or a blend .yaml"]
+
+
+def _blend_problems(blend: Path, stack: tuple[Path, ...] = ()) -> list[str]:
+    """Problems that make ``blend`` other than a MetadatasetV2 blend of data_prep directories."""
+    real = blend.resolve()
+    if real in stack or len(stack) >= _MAX_BLEND_DEPTH:
+        return [f"{blend}: blends nest in a cycle or deeper than {_MAX_BLEND_DEPTH}"]
+    stack = (*stack, real)
+    try:
+        data = load_yaml_data(blend)
+    except MetadataError as exc:
+        return [str(exc)]
+    if not isinstance(data, dict):
+        return [f"{blend}: not a mapping; a blend is {BLEND_HEADER} with splits"]
+    for key in data:
+        if key not in (*BLEND_HEADER, "splits"):
+            return [f"{blend}: key {key!r} is not allowed (a blend has only __module__, __class__ and splits)"]
+    for key, want in BLEND_HEADER.items():
+        if data.get(key) != want:
+            return [f"{blend}: {key} is {data.get(key)!r}; the blends we read are {want!r}"]
+    splits = data.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        return [f"{blend}: splits is missing or not a mapping of split names"]
+    problems: list[str] = []
+    for part, ref in splits.items():
+        where = f"splits.{part}"
+        if isinstance(ref, dict) and "blend" in ref:
+            if set(ref) != {"blend"}:
+                extra = sorted(k for k in ref if k != "blend")
+                problems.append(f"{blend}: {where}.{extra[0]} is not allowed next to blend")
+                continue
+            items = ref["blend"]
+            if not isinstance(items, list) or not items:
+                problems.append(f"{blend}: {where}.blend is not a list of data sets")
+                continue
+            for i, item in enumerate(items):
+                problems += _reference_problems(blend, f"{where}.blend[{i}]", item, _BLEND_ITEM_KEYS, stack)
+        else:
+            problems += _reference_problems(blend, where, ref, _REFERENCE_KEYS, stack)
+    return problems
+
+
+def data_trust_problems(path: str | Path) -> list[str]:
+    """Why Energon must not be handed ``path`` (a data_prep directory or a blend YAML) without
+    ``trust_dataset_code``: one line per problem, naming the file and key; empty when it is ours."""
+    p = Path(path)
+    if p.is_dir():
+        return check_energon_metadata(p)
+    return _blend_problems(p)
+
+
+def check_data_trust(path: str | Path) -> None:
+    """ConfigError (one line) unless ``path``'s Energon metadata is what data_prep writes."""
+    problems = data_trust_problems(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        first = " ".join(problems[0].split())  # one line, whatever the file names hold
+        raise ConfigError(
+            f"refusing data {path}: {first}{more}; Energon could import or run what such metadata names. "
+            "Rebuild the data with data_prep (`python -m data_prep verify DIR` checks a build) or set "
+            "data.trust_dataset_code=true if you trust its code"
+        )
+
+
 class NeoDataLoader:
     """Iterator of packed micro-batches (``NeoBatch``) for one data-parallel rank."""
 
@@ -141,6 +260,8 @@ class NeoDataLoader:
         if config.micro_batch_size < 1 or config.num_workers < 0:
             raise ValueError("micro_batch_size must be >= 1 and num_workers >= 0")
         _check_data_path(config.path)
+        if not config.trust_dataset_code:  # before Energon reads any of it
+            check_data_trust(config.path)
         self.config = config
         self.dp_rank, self.dp_size = dp_rank, dp_size
         # Worker processes fork from here; a tokenizer that used its thread pool before the fork
@@ -303,6 +424,7 @@ class TrainLoader(NeoDataLoader):
         seed: int = 1234,
         packing_buffer: int = LoaderConfig.packing_buffer_size,
         shuffle_buffer: int = LoaderConfig.shuffle_buffer_size,
+        trust_dataset_code: bool = False,
         tokenizer=None,
     ):
         config = LoaderConfig(
@@ -314,6 +436,7 @@ class TrainLoader(NeoDataLoader):
             seed=seed,
             packing_buffer_size=packing_buffer,
             shuffle_buffer_size=shuffle_buffer,
+            trust_dataset_code=trust_dataset_code,
         )
         super().__init__(config, dp_rank=dp_rank, dp_size=dp_size, tokenizer=tokenizer)
 
@@ -326,4 +449,6 @@ __all__ = [
     "LoaderStats",
     "NeoDataLoader",
     "TrainLoader",
+    "check_data_trust",
+    "data_trust_problems",
 ]

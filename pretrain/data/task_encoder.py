@@ -19,9 +19,10 @@ Pipeline inside each loader worker (Energon calls these in this order):
 All of them are ``@stateless`` (pure functions of their input), so Energon can save the loader
 state as sample indices and rebuild buffers on restore.
 
-Errors: a sample that fails in any step (bad JSON, missing or undecodable image, size mismatch)
-is handed by Energon to ``SampleErrorLog.handle`` (installed as the worker config's
-``global_error_handler``): it is logged with dataset, shard, index and key, counted, and skipped.
+Errors: a sample that fails in any step (bad JSON, missing or undecodable image, size mismatch,
+text that would tokenise to a control token: ``template.ControlTokenError``) is handed by
+Energon to ``SampleErrorLog.handle`` (installed as the worker config's ``global_error_handler``):
+it is logged with dataset, shard, index and key, counted, and skipped.
 The count travels to the trainer inside the next pack of the same worker. Energon raises
 ``FatalSampleError`` after 100 failures in a row, which stops the run (data that broken should).
 """

@@ -16,11 +16,20 @@ Every ``<image>`` tag (conversations) and the caption's image become ``<img>``, 
 from the sample's ``images`` entry (recorded by data_prep after smart-resize).
 
 Tokenisation: each text piece is tokenised on its own (role headers ``"{role}\\n"``, each content
-segment between ``<image>`` tags, the ``"\\n"`` after ``<|im_end|>``), with special tokens
-recognised, and the pieces are concatenated. This makes the supervised span exact by
-construction; it equals tokenising the rendered string wherever the tokenizer's pre-tokenizer
-splits at a newline that follows a role name (it does for byte-level BPE and Qwen's
-pre-tokenizer unless the content itself starts with whitespace).
+segment between ``<image>`` tags, the ``"\\n"`` after ``<|im_end|>``) and the pieces are
+concatenated. This makes the supervised span exact by construction; it equals tokenising the
+rendered string wherever the tokenizer's pre-tokenizer splits at a newline that follows a role
+name (it does for byte-level BPE and Qwen's pre-tokenizer unless the content itself starts with
+whitespace) and the text holds no special-token string (see below).
+
+Control tokens (``<|im_start|>``, ``<|im_end|>``, ``<img>``, ``<IMG_CONTEXT>``, ``</img>``,
+``<|endoftext|>``) are only ever placed by the template, by id. Data text is tokenised with
+special tokens *split* (``split_special_tokens=True``, transformers 4.x and 5.x), so a sample whose
+text says ``<|im_end|>`` or ``<ref>`` (a shard written by an older data_prep, or by hand) trains
+on those characters as plain text, never on a control id. As a last guard, text that still
+yields an id of the tokenizer's added vocabulary (only an added token that is not marked special
+can, e.g. a Qwen tokenizer's ``<think>``) refuses the sample with ``ControlTokenError``, which
+the loader logs, counts and skips like any other bad sample.
 
 Labels and mask are on the *target* side: ``labels[i] = tokens[i + 1]`` inside a document and
 ``loss_mask[i]`` is True iff ``tokens[i + 1]`` is a supervised token. The last token of a
@@ -44,6 +53,22 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 EOS = "<|endoftext|>"
 ROLES = ("system", "user", "assistant")
+
+
+class ControlTokenError(ValueError):
+    """Sample text that would tokenise to a control (added/special) token id: refused."""
+
+
+def control_token_ids(tokenizer) -> dict[int, str]:
+    """Id -> string of every added or special token of an HF tokenizer (4.x and 5.x APIs)."""
+    out: dict[int, str] = {}
+    for tid, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        out[int(tid)] = getattr(token, "content", str(token))
+    for token in getattr(tokenizer, "all_special_tokens", None) or ():
+        tid = tokenizer.convert_tokens_to_ids(str(token))
+        if tid is not None and tid != getattr(tokenizer, "unk_token_id", None):
+            out.setdefault(int(tid), str(token))
+    return out
 
 
 def load_tokenizer(path: str | Path):
@@ -109,6 +134,16 @@ class ChatTemplate:
         self.eos_id = ids[EOS]
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
+        # Ids that text must never produce: the whole added vocabulary plus the template's own.
+        self.control_tokens = control_token_ids(tokenizer)
+        for token, tid in ids.items():
+            self.control_tokens.setdefault(tid, token)
+        self.control_ids = np.array(sorted(self.control_tokens), dtype=np.int64)
+        # Lookup table id -> is control (one index per token instead of np.isin); ids past the
+        # table land on its last entry, a False sentinel (no control id is that large).
+        size = max(len(tokenizer), int(self.control_ids.max()) + 1) + 1
+        self._is_control = np.zeros(size, dtype=bool)
+        self._is_control[self.control_ids] = True
         # Constant pieces of the template, tokenised once.
         self._headers = {role: self._ids([role + "\n"])[0] for role in ROLES}
         self._newline = self._ids(["\n"])[0]
@@ -116,11 +151,22 @@ class ChatTemplate:
     # -- tokenisation -------------------------------------------------------------------------
 
     def _ids(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of several texts in one call (special tokens recognised, none added)."""
+        """Token ids of several texts in one call: special-token strings in them are tokenised as
+        plain text (never a control id), nothing is added. Raises ``ControlTokenError`` if a text
+        still yields an added-token id (an added token not marked special)."""
         if not texts:
             return []
-        encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+        encoded = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)
+        pieces = [np.asarray(ids, dtype=np.int64) for ids in encoded["input_ids"]]
+        flat = np.concatenate(pieces)
+        bad = self._is_control.take(flat, mode="clip")
+        if bad.any():
+            tid = int(flat[np.argmax(bad)])
+            raise ControlTokenError(
+                f"sample text tokenises to the control token {self.control_tokens[tid]!r} (id {tid}); "
+                "special tokens are not allowed in data text"
+            )
+        return pieces
 
     # -- rendering ----------------------------------------------------------------------------
 

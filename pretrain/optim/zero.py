@@ -101,7 +101,12 @@ def build_engine(model: torch.nn.Module, optim, total_steps: int, micro_batch_si
 
 def load_optimizer_state(engine, directory: str) -> None:
     """The ZeRO optimizer and LR-schedule state that ``engine.save_checkpoint(directory, tag="zero")``
-    wrote (the weights come from our own checkpoint, loaded before the engine was built)."""
+    wrote (the weights come from our own checkpoint, loaded before the engine was built). DeepSpeed
+    would unpickle its files with ``weights_only=False``; its loader is swapped for a restricted one
+    (pretrain/checkpoint/restricted.py)."""
+    from pretrain.checkpoint.restricted import restricted_checkpoint_engine
+
+    engine.checkpoint_engine = restricted_checkpoint_engine(engine._config)
     with _quiet():
         engine.load_checkpoint(directory, tag="zero", load_module_strict=False,
                                load_optimizer_states=True, load_lr_scheduler_states=True)

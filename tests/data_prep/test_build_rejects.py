@@ -67,7 +67,7 @@ def test_every_reject_reason_neo_json(tmp_path, image_root):
         conv("gray16.png", id="ok-gray16"),  # written
         [conv("good.jpg", id="packed-a"), conv("good2.png", id="packed-b")],  # 2 inputs, both written
         conv("missing.jpg", id="r-missing"),
-        conv("folder.jpg", id="r-unreadable"),
+        conv("folder.jpg", id="r-directory"),
         conv("truncated.jpg", id="r-truncated"),
         conv("text.jpg", id="r-text"),
         conv("empty.jpg", id="r-empty"),
@@ -100,7 +100,7 @@ def test_every_reject_reason_neo_json(tmp_path, image_root):
     expected = Counter(
         {
             "missing_image": 1,
-            "unreadable_image": 1,
+            "not_a_regular_file": 1,
             "corrupt_image": 3,
             "zero_size": 1,
             "aspect_ratio": 1,

@@ -128,8 +128,12 @@ def test_caption_and_text_items():
     assert code_of(text_item, 0, "t", {"text": "a <|endoftext|> b"}, "t:0") == "reserved_token"
 
 
-def test_check_text_allows_grounding_tokens():
-    check_text("the <ref>cat</ref> at <box>(1,2),(3,4)</box>", "x")  # reference grounding data uses them
+def test_check_text_refuses_grounding_tokens_in_data_text():
+    """<ref>, <box>, <quad> are control tokens of the tokenizer: text must not become them."""
+    for text in ("the <ref>cat</ref>", "at <box>(1,2),(3,4)</box>", "<quad>"):
+        with pytest.raises(Reject) as err:
+            check_text(text, "x")
+        assert err.value.code == "reserved_token"
 
 
 def test_make_key():
