@@ -60,22 +60,6 @@ class NeoModelConfig:
         return (self.num_layers * (sharded + replicated) + heads * self.vocab_size * self.hidden_size
                 + self.hidden_size + self.vision_parameters())
 
-    def parameters_per_rank(self, tp: int, pp: int, layers_per_stage: tuple[int, ...] | None = None) -> list[int]:
-        """Parameters held by one rank of each pipeline stage at TP=tp (a tied LM head on the last
-        of several stages is a second copy of the embedding and counted there)."""
-        split = layers_per_stage or (self.num_layers // pp,) * pp
-        sharded, replicated = self.layer_parameters()
-        embedding = self.vocab_size * self.hidden_size // tp
-        counts = []
-        for stage, n in enumerate(split):
-            count = n * (sharded // tp + replicated)
-            if stage == 0:
-                count += embedding + self.vision_parameters()
-            if stage == pp - 1:
-                count += self.hidden_size + (embedding if (pp > 1 or not self.tie_word_embeddings) else 0)
-            counts.append(count)
-        return counts
-
     def check(self) -> None:
         """Internal consistency of the shape, independent of any parallel layout."""
         from pretrain.config import ConfigError

@@ -405,7 +405,11 @@ def test_stage1_roles_train_only_what_they_should(layouts):
 
 @pytest.mark.slow
 def test_parameter_count_per_rank(layouts):
-    per_stage = RANDOM_NEO.parameters_per_rank(2, 2)
+    """The planner's per-rank count (the real model on the meta device) is what the real ranks hold."""
+    from pretrain.plan.probe import stage_parameters
+
+    split = (RANDOM_NEO.num_layers // 2,) * 2
+    per_stage = [s.params for s in stage_parameters(RANDOM_NEO, ("vision",), 2, 2, split, torch.float32)]
     for r in layouts:
         assert r["roles"]["numel"] == per_stage[r["roles"]["stage"]]
 
