@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast gpu-check demo bench clean-venv slurm-up slurm-down test-slurm
+.PHONY: setup test test-fast gpu-check demo bench clean-venv slurm-up slurm-down test-slurm venv-tf457
 
 setup: $(STAMP)
 
@@ -64,5 +64,13 @@ slurm-down:
 test-slurm: setup
 	$(PY) -m pytest tests/slurm $(PYTEST_ARGS)
 
+# A second venv with transformers 4.57.1 (the version the reference NEO code pins), in which
+# tests/data_prep/test_tokenizer_compat.py loads the tokenizer files we write. The test makes it on
+# first use (needs the package index; skipped with pip's reason without it) and reuses it; this
+# target makes it ahead, e.g. before a session without network. Under build/ (git-ignored), or
+# NEO_TF457_VENV.
+venv-tf457: setup
+	$(PY) -c "from tests.data_prep.test_tokenizer_compat import ensure_tf457_venv; print(ensure_tf457_venv())"
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) build/venv-tf457

@@ -79,6 +79,7 @@ class BuildResult:
     manifest: dict[str, Any]
     seconds: float
     summary: str
+    kept: list[str] = dataclasses.field(default_factory=list)  # user entries left in the output (tokenizer/)
 
 
 def dedupe_keys(entries: Iterable[Entry]) -> Iterator[Entry]:
@@ -177,12 +178,12 @@ def run_build(
 
     ``source`` describes the inputs for the manifest (files and their digests, or the synthetic
     generator's parameters). ``prepared``: the caller already ran prepare_output (and may have put
-    owned files such as tokenizer/ there). Returns the manifest, the wall time and the summary.
+    owned files such as tokenizer/ there). Otherwise a user's tokenizer/ in ``output`` is kept (see
+    data_prep.output_dir). Returns the manifest, the wall time, the summary and what was kept.
     """
     output = Path(output)
     start = time.perf_counter()
-    if not prepared:
-        prepare_output(output, options.overwrite)
+    kept = [] if prepared else prepare_output(output, options.overwrite)
     config = ProcessConfig(image=options.image, image_root=options.image_root, tokenizer=options.tokenizer)
     recorded = {**source, **options.recorded()}
     stats = BuildStats()
@@ -245,4 +246,4 @@ def run_build(
         energon_prepare(output, len(shards))
     write_json_atomic(output / MANIFEST_NAME, manifest)  # last: its presence means "complete"
     seconds = time.perf_counter() - start
-    return BuildResult(manifest, seconds, _summary(output, manifest, seconds))
+    return BuildResult(manifest, seconds, _summary(output, manifest, seconds), kept)

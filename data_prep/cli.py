@@ -212,6 +212,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         "source_options": dataclasses.asdict(source_options),
     }
     result = run_build(entries, args.output, options, source, describe=f"build {args.format}")
+    for name in result.kept:
+        print(f"data_prep build: kept {args.output / name} (yours, not a build output)")
     print(result.summary)
     return 0
 
@@ -225,7 +227,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.tokenizer / 'tokenizer.json'} not found")
     items = synthetic.make_items(args.num, args.seed, args.split, mix, args.answer_hint)
     output = Path(args.output)
-    prepare_output(output, args.overwrite)
+    prepare_output(output, args.overwrite, keep=())  # synthetic writes tokenizer/: an output here
     tokenizer_dir = output / "tokenizer"
     if args.tokenizer is not None:  # share one vocabulary between train and heldout
         shutil.copytree(args.tokenizer, tokenizer_dir)
@@ -303,6 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         EnergonPrepareError,
         ValueError,
-    ) as exc:
-        print(f"data_prep {args.command}: error: {exc}", file=sys.stderr)
+    ) as exc:  # usage errors (2), except energon prepare's failure (1)
+        _error(args.command, str(exc))
         return 2 if not isinstance(exc, EnergonPrepareError) else 1
+    except OSError as exc:  # the disk, not the user: a write that failed half way (full, read-only...)
+        building = args.command in ("build", "synthetic")
+        unfinished = "; the build did not finish (no manifest.json)" if building else ""
+        _error(args.command, f"{exc}{unfinished}")
+        return 1
+
+
+def _error(command: str, message: str) -> None:
+    """The one line a failed command prints."""
+    print(f"data_prep {command}: error: {' '.join(message.splitlines())}", file=sys.stderr)

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from data_prep.rejects import REASONS
+from data_prep.rejects import REASONS, finite
 from data_prep.schema import KINDS, SCHEMA_VERSION
 
 MANIFEST_NAME = "manifest.json"
@@ -172,19 +172,50 @@ def make_manifest(
     }
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN / infinity replaced by its name as a string (see rejects.finite), so
+    that the file is JSON that any parser reads, not Python's extension of it."""
+    if isinstance(obj, float):
+        return finite(obj)
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
+    try:
+        text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a NaN or infinity somewhere (an option, a statistic): write it as a string
+        text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False)
     tmp = path.with_name("." + path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class ManifestError(ValueError):
+    """manifest.json exists but cannot be read as one (edited, truncated, not JSON)."""
 
 
 def load_manifest(directory: Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a data_prep output, or the build did not finish")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise ManifestError(f"{path} cannot be read as JSON ({exc}); rebuild the directory") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(
+            f"{path} holds a JSON {type(manifest).__name__}, not an object; rebuild the directory"
+        )
+    return manifest

@@ -82,18 +82,53 @@ def check_text(value: str, what: str) -> None:
         raise Reject("reserved_token", f"{what} contains the special token {match.group()!r}")
 
 
-def has_invalid_utf8(value: Any) -> bool:
-    """True if any string inside a decoded JSON value carries undecodable bytes (lone surrogates)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
+# Deepest nesting of objects / lists a record may have. Real records are a few levels deep
+# (record -> conversations -> turn); a deeper one is rejected (malformed_record) before any
+# recursive code (validation, pickling to a worker, the rejects report) meets it.
+MAX_RECORD_DEPTH = 64
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """True if ``value`` nests dicts / lists more than ``limit`` levels deep (iterative: any depth)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
             return True
-        return False
-    if isinstance(value, dict):
-        return any(has_invalid_utf8(k) or has_invalid_utf8(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(has_invalid_utf8(v) for v in value)
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _bad_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def has_invalid_utf8(value: Any) -> bool:
+    """True if any string inside a decoded JSON value carries undecodable bytes (lone surrogates).
+    Iterative, so that no nesting depth can exhaust the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _bad_utf8(item):
+                return True
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and _bad_utf8(key):
+                    return True
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 

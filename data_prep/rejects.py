@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from typing import IO, Any
 
 # Reason code -> one-line description (the manifest lists every code, zero counts included, so a
@@ -53,12 +54,28 @@ class Reject(Exception):
         self.message = message
 
 
-def jsonable(value: Any) -> Any:
-    """A JSON-safe copy of a record for the report: bytes are summarised, not dumped."""
+# Nesting below this depth is summarised in the report (a record nested hundreds of levels deep is
+# rejected as malformed; its report must not recurse as deep as the record does).
+MAX_REPORT_DEPTH = 64
+
+
+def finite(value: float) -> float | str:
+    """A float JSON can hold: NaN and the infinities become the strings Python's json would write
+    bare (``"NaN"``, ``"Infinity"``, ``"-Infinity"``), which no JSON parser is obliged to accept."""
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def jsonable(value: Any, _depth: int = 0) -> Any:
+    """A strict-JSON-safe copy of a record for the report: bytes are summarised, not dumped,
+    non-finite floats become strings, and nesting deeper than MAX_REPORT_DEPTH is cut."""
+    if isinstance(value, (dict, list, tuple)) and _depth >= MAX_REPORT_DEPTH:
+        return f"<{type(value).__name__} nested deeper than {MAX_REPORT_DEPTH} levels, not shown>"
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, _depth + 1) for v in value]
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         return {
@@ -66,13 +83,16 @@ def jsonable(value: Any) -> Any:
             "sha256": hashlib.sha256(data).hexdigest(),
             "head_b64": base64.b64encode(data[:16]).decode("ascii"),
         }
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if isinstance(value, float):
+        return finite(value)
+    if value is None or isinstance(value, (str, int, bool)):
         return value
     return repr(value)
 
 
 def reject_line(index: int, sample_id: str | None, source: str, code: str, message: str, record: Any) -> str:
-    """One rejects.jsonl line. ASCII-escaped so that records holding invalid UTF-8 still serialise."""
+    """One rejects.jsonl line: strict JSON (no bare NaN), ASCII-escaped so that records holding
+    invalid UTF-8 still serialise."""
     entry = {
         "index": index,
         "id": sample_id,
@@ -81,7 +101,7 @@ def reject_line(index: int, sample_id: str | None, source: str, code: str, messa
         "message": message,
         "record": jsonable(record),
     }
-    return json.dumps(entry, ensure_ascii=True, sort_keys=True) + "\n"
+    return json.dumps(entry, ensure_ascii=True, sort_keys=True, allow_nan=False) + "\n"
 
 
 class RejectLog:

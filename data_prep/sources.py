@@ -17,12 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.records import Item, Rejected, caption_item, conversation_item, has_invalid_utf8, text_item
-from data_prep.rejects import Reject
+from data_prep.records import (
+    MAX_RECORD_DEPTH,
+    Item,
+    Rejected,
+    caption_item,
+    conversation_item,
+    has_invalid_utf8,
+    nested_deeper_than,
+    text_item,
+)
+from data_prep.rejects import Reject, jsonable
 
 Entry = Item | Rejected
 SOURCE_FORMATS = ("neo-json", "captions", "text")
 _MAX_REPORTED_LINE = 65536
+_BOM = "\ufeff"  # U+FEFF: a UTF-8 byte-order mark once decoded
 
 
 class SourceError(Exception):
@@ -44,13 +54,17 @@ def load_json_document(path: Path) -> list[Any]:
     """The entries of a whole-file .json annotation (an object is one entry).
 
     Undecodable bytes are kept as lone surrogates so that they reject only the record holding
-    them, not the file.
+    them, not the file. A leading UTF-8 byte-order mark (Windows editors write one) is skipped.
     """
-    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix(_BOM)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SourceError(f"{path.name} is not valid JSON ({exc}); use JSONL to isolate bad lines") from None
+    except RecursionError:
+        raise SourceError(
+            f"{path.name} is nested too deeply to parse; use JSONL to isolate bad records"
+        ) from None
     return doc if isinstance(doc, list) else [doc]
 
 
@@ -66,19 +80,22 @@ def _raw_json_entries(path: Path, document: list[Any] | None) -> Iterator[tuple[
                 if not raw.strip():
                     continue
                 try:
-                    line = raw.decode("utf-8")
+                    # A byte-order mark starts the file (or each file of a `cat a.jsonl b.jsonl`).
+                    line = raw.decode("utf-8").removeprefix(_BOM)
                 except UnicodeDecodeError as exc:
                     text = raw.decode("utf-8", "backslashreplace")[:_MAX_REPORTED_LINE]
                     yield f"{lineno}", text, Reject("invalid_utf8", f"line {lineno}: {exc}")
                     continue
                 try:
-                    yield f"{lineno}", json.loads(line), None
+                    value = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield (
-                        f"{lineno}",
-                        line[:_MAX_REPORTED_LINE],
-                        Reject("malformed_json", f"line {lineno}: {exc}"),
-                    )
+                    problem = Reject("malformed_json", f"line {lineno}: {exc}")
+                except RecursionError:
+                    problem = Reject("malformed_json", f"line {lineno}: nested too deeply to parse")
+                else:
+                    yield f"{lineno}", value, None
+                    continue
+                yield f"{lineno}", line[:_MAX_REPORTED_LINE], problem
         return
     raise SourceError(f"{path.name}: expected a .json or .jsonl file")
 
@@ -115,6 +132,10 @@ def _guarded(
 ) -> Entry:
     """``make(*args)``, turning any Reject into Rejected with the record kept for the report."""
     try:
+        if nested_deeper_than(record, MAX_RECORD_DEPTH):
+            # Cut before anything recursive (validation, pickling to a worker, the report) sees it.
+            record = jsonable(record)
+            raise Reject("malformed_record", f"the record is nested more than {MAX_RECORD_DEPTH} levels deep")
         if has_invalid_utf8(record):
             raise Reject("invalid_utf8", "the record holds bytes that are not valid UTF-8")
         return make(*args)
@@ -167,7 +188,8 @@ def _table_rows(path: Path, columns: list[str]) -> Iterator[tuple[dict[str, Any]
         return
     if suffix not in (".tsv", ".csv"):
         raise SourceError(f"{path.name}: captions must be .tsv, .csv or .parquet")
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    # utf-8-sig: a leading byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if suffix == ".tsv":  # plain TSV: tabs split fields, quotes are ordinary characters
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:

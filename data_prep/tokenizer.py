@@ -10,6 +10,13 @@ data_prep refuses text that contains any of them (`records.check_text`). A build
 tokenizer directory also refuses every added/special token of *that* tokenizer
 (`TextTokenCounter.check`, in the workers), so a Qwen tokenizer's extra control tokens cannot be
 smuggled in either.
+
+Every tokenizer directory the pipeline writes (this trainer, the checkpoint's ``tokenizer/``,
+``to-hf``'s export) goes through ``save_tokenizer`` / ``make_tokenizer_dir_compatible``: files that
+transformers 4.57 (the version the reference NEO code pins) and 5.x both load to the same
+tokenizer. transformers 5.x's own ``save_pretrained`` writes ``tokenizer_class``
+``"TokenizersBackend"`` (a class 4.57 does not have) and ``extra_special_tokens`` as a list
+(4.57 reads that key as a dict of named tokens and fails on a list).
 """
 
 from __future__ import annotations
@@ -136,7 +143,7 @@ def train_tokenizer(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        fast.save_pretrained(str(tmp))
+        save_tokenizer(fast, tmp)
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)
@@ -144,6 +151,125 @@ def train_tokenizer(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+# -- tokenizer files both transformers 4.57 and 5.x load ---------------------------------------
+
+# The class written to tokenizer_config.json whenever the directory has a tokenizer.json: both
+# versions know it (5.x as an alias of TokenizersBackend) and build the tokenizer from
+# tokenizer.json verbatim. A model-specific class is not kept: 5.x's Qwen2Tokenizer, for one,
+# rebuilds its normalizer and pre-tokenizer in code instead of reading tokenizer.json's, so any
+# tokenizer.json that is not Qwen's own (the demo's byte-level BPE) would encode differently.
+COMPAT_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# from_pretrained's own arguments, which 5.x's save_pretrained writes back into the config (seen:
+# is_local, local_files_only): where and how a copy was loaded, never a property of the tokenizer.
+LOADER_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "proxies", "token",
+               "revision", "subfolder", "_commit_hash", "trust_remote_code")
+
+
+def _token_content(token) -> str:
+    """A special token as saved: a string or an AddedToken dict (``{"content": ..., ...}``)."""
+    return token.get("content", "") if isinstance(token, dict) else str(token)
+
+
+def compatible_tokenizer_config(config: dict, has_tokenizer_json: bool = True) -> dict:
+    """``config`` (tokenizer_config.json or special_tokens_map.json content) in the form
+    transformers 4.57 and 5.x both read the same way. Pure: returns a new dict.
+
+    * ``extra_special_tokens`` as a list (5.x's spelling) becomes ``additional_special_tokens``
+      (4.x's; 5.x reads it as a synonym), appended to any already there, duplicates dropped. The
+      dict form (named model-specific tokens, which 4.57 introduced) is left as it is.
+    * ``tokenizer_class`` becomes ``COMPAT_TOKENIZER_CLASS`` when there is a tokenizer.json (for a
+      special_tokens_map.json, which has no class, nothing is added).
+    * ``LOADER_KEYS`` (loading arguments 5.x saves as if they were settings) are dropped.
+    """
+    out = {k: v for k, v in config.items() if k not in LOADER_KEYS}
+    extra = out.pop("extra_special_tokens", None)
+    if isinstance(extra, dict):
+        if extra:
+            out["extra_special_tokens"] = extra
+    elif extra:
+        merged, seen = [], set()
+        for token in [*(out.get("additional_special_tokens") or []), *extra]:
+            content = _token_content(token)
+            if content not in seen:
+                seen.add(content)
+                merged.append(token)
+        out["additional_special_tokens"] = merged
+    if has_tokenizer_json and "tokenizer_class" in out:
+        out["tokenizer_class"] = COMPAT_TOKENIZER_CLASS
+    return out
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def make_tokenizer_dir_compatible(directory: str | Path) -> Path:
+    """Rewrite an HF tokenizer directory in place so that transformers 4.57 and 5.x load it to the
+    same tokenizer (same ids, special tokens and chat template). JSON only: tokenizer.json is not
+    touched and transformers is not imported, so it is cheap enough to run after every copy.
+
+    tokenizer_config.json (and a special_tokens_map.json if one is there) go through
+    ``compatible_tokenizer_config``; a ``tokenizer_class`` is written if missing. The chat template
+    is also written into tokenizer_config.json (``chat_template``), taken from chat_template.jinja
+    when that file exists (both versions prefer the file; the copy in the config, which every
+    version reads, then says the same). Idempotent.
+    """
+    directory = Path(directory)
+    config_path = directory / TOKENIZER_CONFIG
+    has_json = (directory / "tokenizer.json").is_file()
+    if not config_path.is_file():
+        if not has_json:
+            raise FileNotFoundError(
+                f"{directory} is not an HF tokenizer directory (no {TOKENIZER_CONFIG} / tokenizer.json)"
+            )
+        config = {}
+    else:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = compatible_tokenizer_config(config, has_json)
+    if has_json:
+        config["tokenizer_class"] = COMPAT_TOKENIZER_CLASS
+    template = directory / CHAT_TEMPLATE_FILE
+    if template.is_file():
+        config["chat_template"] = template.read_text(encoding="utf-8")
+    _write_json_atomic(config_path, config)
+    special_map = directory / SPECIAL_TOKENS_MAP
+    if special_map.is_file():
+        _write_json_atomic(special_map, compatible_tokenizer_config(
+            json.loads(special_map.read_text(encoding="utf-8")), has_tokenizer_json=False))
+    return directory
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> Path:
+    """Save a transformers tokenizer (or copy the tokenizer directory ``tokenizer`` names) into
+    ``directory`` in the form transformers 4.57 and 5.x both load to the same ids: the one way the
+    pipeline writes tokenizer files (``make_tokenizer_dir_compatible`` says what it changes).
+
+    A directory is copied file by file (tokenizer.json byte for byte), not loaded and re-saved.
+    Files already in ``directory`` that the tokenizer does not write are left alone.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        source = Path(tokenizer)
+        if not (source / TOKENIZER_CONFIG).is_file() and not (source / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"{source} is not an HF tokenizer directory (no {TOKENIZER_CONFIG} / tokenizer.json)"
+            )
+        for f in source.iterdir():
+            if f.is_file():
+                shutil.copy2(f, directory / f.name)
+            elif f.is_dir():  # additional_chat_templates/
+                shutil.copytree(f, directory / f.name, dirs_exist_ok=True)
+    else:
+        tokenizer.save_pretrained(str(directory))
+    return make_tokenizer_dir_compatible(directory)
 
 
 def shard_samples(data_dir: Path) -> Iterator[dict]:

@@ -28,7 +28,7 @@ from data_prep.energon_prepare import (
     check_tar_index,
     load_json_data,
 )
-from data_prep.manifest import FORMAT_NAME, REJECTS_NAME, load_manifest
+from data_prep.manifest import FORMAT_NAME, MANIFEST_NAME, REJECTS_NAME, ManifestError, load_manifest
 from data_prep.schema import SCHEMA_VERSION, image_member, make_key, validate_sample
 
 _MEMBER = re.compile(r"^([^./]+)\.([^/]+)$")
@@ -142,13 +142,58 @@ def _read_shard(path: Path, ext: str, errors: list[str], seen_keys: dict[str, st
     return samples
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What makes a manifest unusable for verification (a missing or mistyped field), or None.
+
+    Only the fields verify reads are checked; their values are then compared with the files."""
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict):
+        return "'counts' is missing or not an object"
+    for name in ("inputs", "written", "rejected", "images"):
+        if not _is_count(counts.get(name)):
+            return f"'counts.{name}' is missing or not a non-negative integer"
+    by_kind = counts.get("by_kind")
+    if not isinstance(by_kind, dict) or not all(_is_count(n) for n in by_kind.values()):
+        return "'counts.by_kind' is missing or not an object of counts"
+    rejects = manifest.get("rejects")
+    if not isinstance(rejects, dict) or not all(_is_count(n) for n in rejects.values()):
+        return "'rejects' is missing or not an object of counts"
+    ext = manifest.get("image_extension")
+    if not isinstance(ext, str) or not ext or "/" in ext:
+        return "'image_extension' is missing or not a file suffix"
+    stats = manifest.get("stats")
+    per_sample = stats.get("image_tokens_per_sample") if isinstance(stats, dict) else None
+    if not isinstance(per_sample, dict) or not _is_count(per_sample.get("total")):
+        return "'stats.image_tokens_per_sample.total' is missing or not a count"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "'shards' is missing or not a list"
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            return f"shards[{i}] is not an object"
+        name = entry.get("name")
+        # A plain shard file name: a manifest must not send verify to files elsewhere.
+        if not isinstance(name, str) or not name.endswith(".tar") or "/" in name or "\\" in name \
+                or name.startswith("."):
+            return f"shards[{i}].name {name!r} is not a shard file name (NAME.tar in the directory)"
+        if not _is_count(entry.get("bytes")) or not _is_count(entry.get("samples")):
+            return f"shards[{i}] ({name}) has no 'bytes' / 'samples' count"
+        if not isinstance(entry.get("sha256"), str):
+            return f"shards[{i}] ({name}) has no 'sha256' string"
+    return None
+
+
 def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
     directory = Path(directory)
     report = VerifyReport(directory)
     errors = report.errors
     try:
         manifest = load_manifest(directory)
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
+    except (FileNotFoundError, ManifestError) as exc:
         errors.append(str(exc))
         return report
     if manifest.get("format") != FORMAT_NAME or manifest.get("schema_version") != SCHEMA_VERSION:
@@ -157,6 +202,21 @@ def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
             f"{FORMAT_NAME!r} v{SCHEMA_VERSION}"
         )
         return report
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        errors.append(f"{directory / MANIFEST_NAME} is damaged: {problem}; rebuild the directory")
+        return report
+    try:
+        _verify_against(directory, manifest, report, check_energon)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a field the check above missed
+        errors.append(
+            f"{directory / MANIFEST_NAME} is damaged: {type(exc).__name__}: {exc}; rebuild the directory"
+        )
+    return report
+
+
+def _verify_against(directory: Path, manifest: dict, report: VerifyReport, check_energon: bool) -> None:
+    errors = report.errors
     ext = manifest["image_extension"]
     counts = manifest["counts"]
 
@@ -208,12 +268,13 @@ def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
         errors.append(f"{REJECTS_NAME} is missing")
     else:
         by_reason: Counter[str] = Counter()
-        with open(rejects_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                try:
-                    by_reason[json.loads(line)["reason"]] += 1
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    errors.append(f"{REJECTS_NAME} line {lineno} is not a reject entry")
+        with open(rejects_path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:  # strict JSON: a bare NaN / Infinity is not JSON, whatever Python's json accepts
+                    entry = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
+                    by_reason[entry["reason"]] += 1
+                except (ValueError, KeyError, TypeError, RecursionError):
+                    errors.append(f"{REJECTS_NAME} line {lineno} is not a reject entry (strict JSON)")
         expected = {code: n for code, n in manifest["rejects"].items() if n}
         if dict(by_reason) != expected:
             errors.append(f"{REJECTS_NAME} counts {dict(by_reason)} differ from the manifest {expected}")
@@ -226,7 +287,10 @@ def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
 
     if check_energon and manifest["shards"]:
         _check_energon(directory, manifest, errors)
-    return report
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _check_energon(directory: Path, manifest: dict, errors: list[str]) -> None:

@@ -7,6 +7,7 @@ allocation. Each error names the offending keys and what would fix them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -91,6 +92,10 @@ class CheckpointConfig:
     keep: int = 3
     resume: str = "auto"  # auto: newest valid checkpoint in dir; never; or a checkpoint path
     load_optimizer: bool = True
+    # On resume, optim.* values that differ from the checkpoint's config.yaml (the restored optimizer
+    # state would otherwise keep the checkpoint's lr, betas, eps, weight_decay and clip_grad) are
+    # refused with the list of keys; true applies this run's values from the resume step on (logged).
+    override_schedule: bool = False
 
 
 @dataclass
@@ -155,9 +160,16 @@ class Layout:
         return f"TP{self.tp}xPP{self.pp}xDP{self.dp}"
 
 
+# Bounds on the model's shape: past them no GPU holds the weights, and building the model would
+# try to allocate them anyway (model.vocab_size=1e9 asked for 512 GB on one rank).
+MAX_VOCAB_SIZE = 1 << 20  # 1,048,576: every real tokenizer is far below (Qwen3: 151,936)
+MAX_BYTES_PER_RANK = 300e9  # a rank's weights alone at 2 bytes each: more than any GPU holds (288 GB)
+
+
 def validate(cfg: Config, world_size: int) -> Layout:
     """Check ``cfg`` against ``world_size`` processes; return the layout or raise ConfigError."""
     model, par, train = cfg.model, cfg.parallel, cfg.train
+    _validate_model(model)
     model.check()
     tp, pp = par.tp, par.pp
     if tp < 1 or pp < 1:
@@ -200,8 +212,15 @@ def validate(cfg: Config, world_size: int) -> Layout:
     if model.vocab_size % tp:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp} (pad it to a multiple of 128)")
 
+    per_rank = max(model.parameters_per_rank(tp, pp, split))
+    if 2 * per_rank > MAX_BYTES_PER_RANK:
+        raise ConfigError(
+            f"this model puts {per_rank / 1e9:.1f}B parameters on one rank at TP{tp}xPP{pp} ({2 * per_rank / 1e9:.0f} GB "
+            f"of bf16 weights alone, more than any GPU holds): check the model.* sizes or raise parallel.tp/parallel.pp"
+        )
+
     mbs, gbs = train.micro_batch_size, train.global_batch_size
-    if mbs < 1 or gbs % (mbs * dp):
+    if mbs < 1 or gbs < 1 or gbs % (mbs * dp):
         raise ConfigError(
             f"train.global_batch_size={gbs} must be a multiple of train.micro_batch_size*DP = {mbs}*{dp} = {mbs * dp}"
         )
@@ -224,8 +243,61 @@ def validate(cfg: Config, world_size: int) -> Layout:
     return Layout(tp=tp, pp=pp, dp=dp, num_microbatches=num_micro, layers_per_stage=split)
 
 
+def _validate_model(model: NeoModelConfig) -> None:
+    """Sizes a model can have at all (before ``model.check``, which divides by some of them)."""
+    positive = ("hidden_size", "num_attention_heads", "num_kv_heads", "head_dim", "ffn_hidden_size", "vocab_size",
+                "vision_hidden_size", "patch_size")
+    for name in positive:
+        if getattr(model, name) < 1:
+            raise ConfigError(f"model.{name}={getattr(model, name)} must be >= 1")
+    for name in ("pre_buffer_layers", "post_llm_layers"):
+        if getattr(model, name) < 0:
+            raise ConfigError(f"model.{name}={getattr(model, name)} must be >= 0")
+    if model.vocab_size > MAX_VOCAB_SIZE:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} is beyond {MAX_VOCAB_SIZE:,}: no tokenizer has that "
+                          "many tokens (set it to the tokenizer's size, padded to a multiple of 128)")
+    for name in ("rope_theta", "rope_theta_hw", "rope_theta_vision", "norm_eps", "init_std"):
+        value = getattr(model, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"model.{name}={value} must be a finite number > 0")
+    if not (math.isfinite(model.downsample_ratio) and 0 < model.downsample_ratio <= 1):
+        raise ConfigError(f"model.downsample_ratio={model.downsample_ratio} must be in (0, 1]")
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Numbers that parse but cannot run: negative counts, a NaN learning rate, a warm-up of -5."""
+
+    def need(ok: bool, key: str, value, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value} {what}")
+
+    o, t, d = cfg.optim, cfg.train, cfg.data
+    finite = math.isfinite
+    need(finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be a finite number > 0")
+    need(finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio,
+         "must be in [0, 1] (the final learning rate as a fraction of optim.lr)")
+    need(finite(o.warmup) and o.warmup >= 0, "optim.warmup", o.warmup,
+         "must be >= 0 (>= 1: a number of steps; below 1: a fraction of train.steps)")
+    need(o.warmup < 1 or float(o.warmup).is_integer(), "optim.warmup", o.warmup,
+         "is a number of steps (>= 1) and must be whole; below 1 it is a fraction of train.steps")
+    need(finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be a finite number >= 0")
+    need(finite(o.beta1) and 0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
+    need(finite(o.beta2) and 0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
+    need(finite(o.eps) and o.eps > 0, "optim.eps", o.eps, "must be a finite number > 0")
+    need(finite(o.clip_grad) and o.clip_grad >= 0, "optim.clip_grad", o.clip_grad,
+         "must be a finite number >= 0 (0: no clipping)")
+    need(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2 (a packed row of tokens)")
+    need(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
+    need(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0 (0: load in the trainer process)")
+    need(d.packing_buffer >= 1, "data.packing_buffer", d.packing_buffer, "must be >= 1")
+    need(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0 (0: no shuffle buffer)")
+    need(cfg.checkpoint.keep >= 0, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 0 (0: keep every checkpoint)")
+
+
 def _validate_run(cfg: Config) -> None:
     """Settings of the run itself (not of the layout)."""
+    _validate_numbers(cfg)
     from pretrain.model.loss import REDUCTIONS
     from pretrain.model.roles import ROLES
 
@@ -271,11 +343,61 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     _register_schema()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-    _check_keys(OmegaConf.to_container(cfg), Config, "")
-    return OmegaConf.to_object(cfg)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        _check_keys(OmegaConf.to_container(cfg), Config, "")
+        return OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as err:  # bad value, unknown key or group option, syntax
+        raise ConfigError(hydra_error_line(err)) from None
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """One line for an error of Hydra's composition or OmegaConf's schema check (both are
+    multi-line, and an unknown key suggests '+key=...', which ``_check_keys`` then refuses)."""
+    import re
+
+    cause = err.__cause__ if err.__cause__ is not None else err.__context__
+    key = getattr(cause, "full_key", None) or getattr(err, "full_key", None)
+    text = _squash(str(err))
+    reason = _squash(str(getattr(cause, "msg", None) or cause or ""))
+    if key and type(cause).__name__ in ("ConfigAttributeError", "ConfigKeyError"):
+        parent = str(key).rpartition(".")[0]
+        known = _known_keys(parent)
+        listing = f" (known under '{parent or '<root>'}': {', '.join(known)})" if known is not None else ""
+        return f"Could not override '{key}': unknown config key '{key}'{listing}"
+    if key and reason:
+        merging = re.match(r"Error merging override (\S+)", text)
+        return f"{merging.group(1) if merging else key}: {reason}"
+    missing = re.match(r"In '[^']*': Could not find '([^']+)'\s+Available options in '([^']+)':(.*?)(Config search path|$)",
+                       str(err), re.S)
+    if missing:
+        options = ", ".join(missing.group(3).split())
+        return f"Could not find '{missing.group(1)}' (available options in '{missing.group(2)}': {options})"
+    return text
+
+
+def _squash(text: str) -> str:
+    """Hydra's and OmegaConf's messages on one line, without the config search path and the
+    full_key/object_type trailer (they repeat what the line already says)."""
+    text = " ".join(text.split())
+    for cut in (" Config search path", " full_key:", " reference_type=", " object_type="):
+        text = text.split(cut)[0]
+    return text.strip()
+
+
+def _known_keys(parent: str) -> list[str] | None:
+    schema = Config
+    for part in [p for p in parent.split(".") if p]:
+        sub = next((f.default_factory for f in fields(schema) if f.name == part and is_dataclass(f.default_factory)), None)
+        if sub is None:
+            return None
+        schema = sub
+    return [f.name for f in fields(schema)]
 
 
 def _check_keys(node: dict, schema: type, prefix: str) -> None:

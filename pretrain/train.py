@@ -15,8 +15,17 @@ import sys
 from omegaconf import OmegaConf
 
 
+def config_error(err: BaseException) -> int:
+    """The one line every configuration problem ends in (exit status 2), whatever its origin."""
+    print(f"config error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str]) -> int:
-    from pretrain.config import Config, ConfigError, compose, validate
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pretrain.config import ConfigError, compose, hydra_error_line, validate
 
     show = "--print-config" in argv
     overrides = [a for a in argv if a != "--print-config"]
@@ -24,9 +33,12 @@ def main(argv: list[str]) -> int:
     try:
         cfg = compose(overrides)
         layout = validate(cfg, world_size)
+        if not show:
+            check_inputs(cfg)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
+    except (HydraException, OmegaConfBaseException) as err:  # compose maps these; a fallback
+        return config_error(ConfigError(hydra_error_line(err)))
     if show:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
         print(f"# layout at world size {world_size}: {layout}")
@@ -45,13 +57,33 @@ def main(argv: list[str]) -> int:
     try:
         return train(cfg, layout, memory_plan)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
     except (NonFiniteError, CheckpointError) as err:  # CheckpointError: damaged, incomplete or crafted
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         runtime.shutdown()
+
+
+def check_inputs(cfg) -> None:
+    """What the run reads, checked before any process group exists (ConfigError, one line): the
+    data is a complete data_prep build, the tokenizer has NEO's special tokens, and a path given
+    as init.checkpoint or init.hf_llm exists even when the run resumes and will not load it."""
+    from pathlib import Path
+
+    from pretrain.config import ConfigError
+    from pretrain.data.loader import check_data_path
+    from pretrain.data.template import check_tokenizer
+
+    for key in ("checkpoint", "hf_llm"):
+        value = getattr(cfg.init, key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"init.{key}={value} does not exist")
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: point it at a data_prep output directory or an Energon blend YAML")
+    check_data_path(cfg.data.path)
+    tokenizer = Path(cfg.tokenizer.path) if cfg.tokenizer.path else Path(cfg.data.path) / "tokenizer"
+    check_tokenizer(tokenizer, "tokenizer.path" if cfg.tokenizer.path else "<data.path>/tokenizer")
 
 
 def _memory_plan(cfg, overrides: list[str], world_size: int) -> dict | None:

@@ -4,7 +4,27 @@ Per step: this DP rank's micro-batches -> megatron's pipeline schedule (forward 
 NEO's loss normalised over the global batch) -> gradients made whole across TP and the tied
 embedding -> DeepSpeed ZeRO-1 (reduce over DP, clip by the global norm, AdamW, LR schedule) ->
 metrics -> checkpoint. SIGTERM/SIGUSR1 make every rank finish the step, save and exit with
-``REQUEUE_EXIT_CODE`` so a scheduler can requeue the job; the next start resumes exactly.
+``REQUEUE_EXIT_CODE`` so a scheduler can requeue the job; the next start resumes exactly. The
+data-loader workers ignore those signals (``pretrain.data.workers``): torchrun forwards a signal to
+each rank's whole process group, workers included, and a worker killed by it used to kill the run.
+
+Nothing bad is saved (``LossWatch`` and ``Trainer._checkpoint``):
+  - a step whose loss or gradients are not finite, or whose loss is above ``CEILING_FACTOR`` x
+    ln(vocab size) (three times worse than guessing: blown-up weights), is skipped;
+    ``train.max_skipped_steps`` of them in a row stop the run;
+  - a loss is a *spike* when ``SPIKE_WINDOW`` good losses have been seen and it is above
+    ``SPIKE_FACTOR`` x the median of the last ``SPIKE_WINDOW``;
+  - before the checkpoint of step N is written, the loss of step N's weights on the next step's
+    micro-batches is computed (forward only; those batches then train step N+1, so no data is
+    skipped and a resumed run is bit-identical): the checkpoint is written only if that loss is
+    good (no skip, no spike), and never at a skipped step. A due checkpoint that is not written is owed
+    to the next step that passes;
+  - at the first skipped step or spike after a good stretch, the newest checkpoint written before
+    it is pinned in ``checkpoints/last_good.json``, which rotation never deletes; a stop names it
+    and how to restart from it.
+Rank 0 writes the run's outcome to ``run_dir/exit_status.json`` (``EXIT_STATUS_FILE``): torchrun
+exits 1 after forwarding any signal, whatever its ranks did, so this file is how a launcher (the
+SLURM job script) learns that the ranks wrote their checkpoint and exited 85.
 
 Devices: the model lives on ``runtime.device()``. Data crosses from host to device in one place,
 ``_to_device`` (the loader hands pinned batches; the copies are asynchronous). Every tensor that
@@ -14,12 +34,16 @@ a fixed handful of times (loss, finite check, counts, stop flag), never per para
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,10 +66,83 @@ from pretrain.optim.zero import build_engine, main_grads
 from pretrain.schedule import finalize_grads, forward_backward
 
 REQUEUE_EXIT_CODE = 85  # "checkpoint written after a signal: requeue me" (slurm/ relies on it)
+# rank 0's record of how the run ended, in run_dir (slurm/job.sbatch.in reads it; slurm/render.py
+# holds the same name)
+EXIT_STATUS_FILE = "exit_status.json"
+
+# The loss-spike rule (LossWatch). Constants for now; proposed as train.spike_window,
+# train.spike_factor and train.loss_ceiling_factor in pretrain/config.py.
+SPIKE_WINDOW = 20  # good losses seen before the median rule can fire; the median is over the last 20
+SPIKE_FACTOR = 3.0  # a loss above 3 x that median is a spike
+CEILING_FACTOR = 3.0  # a loss above 3 x ln(vocab size) (uniform guessing's loss) is never good: step skipped
+
+
+NON_FINITE = "non-finite loss or gradients"
 
 
 class NonFiniteError(RuntimeError):
-    pass
+    """The run stops without writing a checkpoint of weights that are not good. ``outcome`` goes
+    to exit_status.json: "diverged" (do not requeue: a restart would diverge the same way) or
+    "unsaved" (a signal came when the weights could not be saved)."""
+
+    def __init__(self, message: str, outcome: str = "diverged"):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class LossWatch:
+    """What a loss says about the weights it came from, robust at the start of training.
+
+    - ``above_ceiling``: the loss is above ``ceiling_factor`` x ln(vocab size). A model that
+      guesses uniformly has loss ln(vocab size); three times worse is never a state to train from
+      or to save (blown-up weights). Holds from the very first step, also right after a resume.
+    - ``spike``: ``window`` good losses have been seen and the loss is above ``factor`` x the
+      median of the last ``window`` of them. The median ignores a few outliers, and a falling loss
+      (the start of training) never fires it. Every good loss enters the window, spikes included,
+      so a lasting level shift (another data mix) is accepted after about window/2 steps instead
+      of blocking checkpoints for ever.
+    Non-finite losses are neither (the skip rule handles them) and, like losses above the ceiling,
+    never enter the window. The window starts empty in every process: after a resume the median
+    rule needs ``window`` steps again, the ceiling holds at once.
+    """
+
+    def __init__(self, vocab_size: int, window: int = SPIKE_WINDOW, factor: float = SPIKE_FACTOR,
+                 ceiling_factor: float = CEILING_FACTOR):
+        self.window, self.factor, self.ceiling_factor = window, factor, ceiling_factor
+        self.ceiling = ceiling_factor * math.log(max(vocab_size, 2))
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def median(self) -> float | None:
+        return statistics.median(self.recent) if len(self.recent) >= self.window else None
+
+    def above_ceiling(self, loss: float) -> str | None:
+        """Why ``loss`` is above the ceiling, or None."""
+        if math.isfinite(loss) and loss > self.ceiling:
+            return f"above {self.ceiling_factor:g} x ln(vocab size) = {self.ceiling:.3g}, worse than guessing"
+        return None
+
+    def spike(self, loss: float) -> str | None:
+        """Why ``loss`` is a spike, or None."""
+        median = self.median()
+        if math.isfinite(loss) and median is not None and median > 0 and loss > self.factor * median:
+            return f"above {self.factor:g} x {median:.4g}, the median of the last {self.window} losses"
+        return None
+
+    def add(self, loss: float) -> None:
+        """Record the loss of a step that was not skipped."""
+        if math.isfinite(loss) and loss <= self.ceiling:
+            self.recent.append(loss)
+
+
+class _LoaderStateAt:
+    """The data loader as it was before a probe drew the next step's batches: all that
+    ``CheckpointManager.save`` asks of a loader is ``state_dict()``."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
 
 
 class Trainer:
@@ -59,6 +156,11 @@ class Trainer:
         self.progress = Progress()
         self.stop_signal: int | None = None
         self.skipped_in_a_row = 0
+        self.all_non_finite = True  # every step of the current skipped streak was non-finite
+        self.losses = LossWatch(cfg.model.vocab_size)
+        self.last_good: Path | None = None  # the newest checkpoint known good (resumed from or written)
+        self.trouble_since: int | None = None  # first skipped step or spike since last_good was written
+        self.save_owed = False  # a due checkpoint was not written: the next step that passes writes it
 
     # ------------------------------------------------------------------------------- set-up
 
@@ -142,14 +244,20 @@ class Trainer:
     def build_loader(self, tokenizer_path: Path):
         from pretrain.data.loader import TrainLoader
 
+        from pretrain.data import workers
+
         cfg = self.cfg
-        return TrainLoader(
+        loader = TrainLoader(
             path=cfg.data.path, tokenizer_path=str(tokenizer_path), seq_len=cfg.train.seq_len,
             micro_batch_size=cfg.train.micro_batch_size, dp_rank=ps.get_data_parallel_rank(),
             dp_size=self.layout.dp, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
             packing_buffer=cfg.data.packing_buffer, shuffle_buffer=cfg.data.shuffle_buffer,
             trust_dataset_code=cfg.data.trust_dataset_code,
         )
+        # Loader workers must not die of the SIGTERM/SIGUSR1 meant for this rank. The loader should
+        # chain workers.worker_init_fn itself; until it does, this does it (a no-op once it does).
+        workers.protect(getattr(loader, "_loader", None))
+        return loader
 
     # ------------------------------------------------------------------------------------ loop
 
@@ -161,16 +269,25 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item())
 
-    def _all_finite(self, loss: float, grads: list[torch.Tensor]) -> bool:
-        """Whether the loss and every gradient of every rank are finite: one fused reduction (the
-        largest magnitude per tensor is inf or nan iff the tensor holds one; no overflow), one
-        all-reduce, one host sync."""
-        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=self.device)
+    def _judge(self, loss: float, grads: list[torch.Tensor]) -> tuple[str | None, str | None]:
+        """(why the step must be skipped: a non-finite loss or gradient on any rank, or a loss above
+        the ceiling; why its loss is a spike), None where not; the same on every rank. One fused
+        reduction (the largest magnitude per tensor is inf or nan iff the tensor holds one; no
+        overflow), one all-reduce, one host sync."""
+        ceiling, spike = self.losses.above_ceiling(loss), self.losses.spike(loss)
+        flags = torch.tensor([0.0 if math.isfinite(loss) else 1.0, float(ceiling is not None), float(spike is not None)],
+                             device=self.device)
         if grads:
             largest = torch.stack(torch._foreach_norm(grads, float("inf"))).amax()
-            bad += (~torch.isfinite(largest)).float()
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0.0
+            flags[0] += (~torch.isfinite(largest)).float()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        non_finite, above, spiked = flags.tolist()
+        skip = None
+        if non_finite:
+            skip = NON_FINITE
+        elif above:
+            skip = f"loss {loss:.4g} {ceiling or 'above the ceiling (on another rank)'}"
+        return skip, (spike or "a spike on another rank") if spiked and skip is None else None
 
     def _broadcast_loss(self, loss: float | None) -> float:
         """The global loss lives on last-stage ranks; every rank gets it (for logging on rank 0)."""
@@ -184,6 +301,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+            (self.run_dir / EXIT_STATUS_FILE).unlink(missing_ok=True)  # a crash leaves none
         tokenizer_path = self.tokenizer_path()
         from pretrain.data.template import load_tokenizer
 
@@ -197,6 +315,7 @@ class Trainer:
             signal.signal(sig, self._on_signal)
         # Weights first, optimizer second (pretrain/checkpoint/manager.py says why).
         resume = self.checkpoints.resume_point()
+        self.last_good = resume
         weights = self.initial_weights() if resume is None else None
         self.model = self.build_model(init_weights=resume is None and weights is None)
         if resume is not None:
@@ -222,66 +341,182 @@ class Trainer:
             self.log(f"memory plan (pretrain.plan, train.recompute={cfg.train.recompute}): {describe(self.memory_plan)}; "
                      f"this rank (stage 1) should peak at {planned:.2f} GB allocated: the log's 'mem' column")
             metrics.planned_memory_gb = planned
-        batches = iter(loader)
-        interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
-        metrics.start_interval()
-        exit_code = 0
         try:
-            while progress.step < cfg.train.steps:
-                host = [next(batches) for _ in range(layout.num_microbatches)]
-                micro = [self._to_device(b) for b in host]
-                loss = forward_backward(self.model, micro, cfg.stage.loss_reduction, grad_scale=layout.dp)
-                grads = main_grads(engine)
-                finalize_grads(self.model, grads, reduce_data_parallel=False)
-                loss = self._broadcast_loss(loss)
-                if self._all_finite(loss, [g for _, g in grads]):
-                    engine.set_gradient_accumulation_boundary(True)
-                    engine.allreduce_gradients()
-                    engine.step()
-                    grad_norm = float(engine.get_global_grad_norm() or 0.0)
-                    self.skipped_in_a_row = 0
-                else:
-                    engine.zero_grad()
-                    self.model.zero_grad(set_to_none=True)
-                    progress.skipped_steps += 1
-                    self.skipped_in_a_row += 1
-                    grad_norm = float("nan")
-                    self.log(f"step {progress.step + 1}: non-finite loss or gradients, update skipped "
-                             f"({self.skipped_in_a_row} in a row)")
-                    if self.skipped_in_a_row >= cfg.train.max_skipped_steps:
-                        raise NonFiniteError(f"{self.skipped_in_a_row} non-finite steps in a row (train.max_skipped_steps): "
-                                             "stopping without writing a checkpoint of these weights")
-                self.model.zero_grad(set_to_none=True)
-                progress.step += 1
-                tokens, samples, fill, flops = self._step_counts(host)
-                progress.consumed_samples += samples
-                interval["tokens"] += tokens
-                interval["samples"] += samples
-                interval["flops"] += flops
-                interval["fill"] += fill
-                interval["steps"] += 1
-                if progress.step % cfg.log.every == 0 or progress.step == cfg.train.steps:
-                    stats = loader.stats() if hasattr(loader, "stats") else {}
-                    metrics.log(progress.step, {
-                        "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                        "pack_fill": interval["fill"] / interval["steps"], "skipped_steps": progress.skipped_steps,
-                        "skipped_samples": int(stats.get("skipped_samples", 0)),
-                        "consumed_samples": progress.consumed_samples,
-                    }, interval["tokens"], interval["samples"], interval["flops"], interval["steps"])
-                    interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
-                stop = self._stop_requested()
-                if stop or progress.step % cfg.checkpoint.every == 0 or progress.step == cfg.train.steps:
-                    self.checkpoints.save(progress, self.model, engine, loader, tokenizer_path)
-                if stop and progress.step < cfg.train.steps:
-                    self.log(f"signal {self.stop_signal or 'on a peer rank'}: checkpoint written at step {progress.step}; "
-                             f"exiting with {REQUEUE_EXIT_CODE} so the job can be requeued")
-                    exit_code = REQUEUE_EXIT_CODE
-                    break
+            exit_code = self._loop(engine, scheduler, loader, iter(loader), metrics, tokenizer_path)
+        except NonFiniteError as err:
+            self._write_exit_status(1, err.outcome, str(err))
+            raise
         finally:
             metrics.close()
         if exit_code == 0:
+            self._write_exit_status(0, "done", f"{cfg.train.steps} steps of {cfg.stage.name}")
             self.log(f"done: {cfg.train.steps} steps of {cfg.stage.name}; checkpoints in {self.checkpoints.root}")
+        else:
+            self._write_exit_status(exit_code, "signal", f"signal {self.stop_signal or 'on a peer rank'}: "
+                                    f"checkpoint written at step {progress.step}")
         return exit_code
+
+    def _loop(self, engine, scheduler, loader, batches, metrics, tokenizer_path: Path) -> int:
+        cfg, layout, progress = self.cfg, self.layout, self.progress
+        interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
+        metrics.start_interval()
+        probed: list[NeoBatch] | None = None  # the next step's batches, drawn by a checkpoint's probe
+        while progress.step < cfg.train.steps:
+            host = probed if probed is not None else [next(batches) for _ in range(layout.num_microbatches)]
+            probed = None
+            micro = [self._to_device(b) for b in host]
+            loss = forward_backward(self.model, micro, cfg.stage.loss_reduction, grad_scale=layout.dp)
+            grads = main_grads(engine)
+            finalize_grads(self.model, grads, reduce_data_parallel=False)
+            loss = self._broadcast_loss(loss)
+            skip, spike = self._judge(loss, [g for _, g in grads])
+            step = progress.step + 1
+            if skip is None:
+                engine.set_gradient_accumulation_boundary(True)
+                engine.allreduce_gradients()
+                engine.step()
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+                self.skipped_in_a_row = 0
+                self.all_non_finite = True
+                self.losses.add(loss)
+            else:
+                engine.zero_grad()
+                self.model.zero_grad(set_to_none=True)
+                progress.skipped_steps += 1
+                self.skipped_in_a_row += 1
+                self.all_non_finite = self.all_non_finite and skip == NON_FINITE
+                grad_norm = float("nan")
+                self.log(f"step {step}: {skip}, update skipped ({self.skipped_in_a_row} in a row)")
+                self._trouble(step, skip)
+                if self.skipped_in_a_row >= cfg.train.max_skipped_steps:
+                    kind = "non-finite" if self.all_non_finite else "skipped"
+                    raise NonFiniteError(
+                        f"{self.skipped_in_a_row} {kind} steps in a row (train.max_skipped_steps): stopping "
+                        f"without writing a checkpoint of these weights. {self._restart_advice()}")
+            if spike is not None:
+                self.log(f"step {step}: loss {loss:.4g} is a spike ({spike})")
+                self._trouble(step, f"a loss spike ({loss:.4g})")
+            self.model.zero_grad(set_to_none=True)
+            progress.step += 1
+            tokens, samples, fill, flops = self._step_counts(host)
+            progress.consumed_samples += samples
+            interval["tokens"] += tokens
+            interval["samples"] += samples
+            interval["flops"] += flops
+            interval["fill"] += fill
+            interval["steps"] += 1
+            if progress.step % cfg.log.every == 0 or progress.step == cfg.train.steps:
+                stats = loader.stats() if hasattr(loader, "stats") else {}
+                metrics.log(progress.step, {
+                    "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "pack_fill": interval["fill"] / interval["steps"], "skipped_steps": progress.skipped_steps,
+                    "skipped_samples": int(stats.get("skipped_samples", 0)),
+                    "consumed_samples": progress.consumed_samples,
+                }, interval["tokens"], interval["samples"], interval["flops"], interval["steps"])
+                interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
+            stop = self._stop_requested()
+            final = progress.step == cfg.train.steps
+            if stop or final or self.save_owed or progress.step % cfg.checkpoint.every == 0:
+                written, probed = self._checkpoint(engine, loader, batches, tokenizer_path, skipped=skip is not None)
+                if not written and final:
+                    raise NonFiniteError(f"the final weights (step {progress.step}) are not good, so the final "
+                                         f"checkpoint is not written. {self._restart_advice()}")
+                if not written and stop:
+                    raise NonFiniteError(
+                        f"signal {self.stop_signal or 'on a peer rank'}: no checkpoint written at step {progress.step}: "
+                        f"its weights are not good. {self._restart_advice()}", outcome="unsaved")
+            if stop and not final:
+                self.log(f"signal {self.stop_signal or 'on a peer rank'}: checkpoint written at step {progress.step}; "
+                         f"exiting with {REQUEUE_EXIT_CODE} so the job can be requeued")
+                return REQUEUE_EXIT_CODE
+        return 0
+
+    # ------------------------------------------------------------------------ nothing bad saved
+
+    def _checkpoint(self, engine, loader, batches, tokenizer_path: Path,
+                    skipped: bool) -> tuple[bool, list[NeoBatch] | None]:
+        """Collective. Write the checkpoint of this step if its weights are good: the step was not
+        skipped and the loss of these weights on the next step's micro-batches is finite and no
+        spike. Returns (written, the micro-batches the check drew: they train the next step)."""
+        step = self.progress.step
+        if skipped:  # these weights are the previous step's, which just failed
+            self.log(f"step {step} was skipped: no checkpoint of it; the next step that passes writes one")
+            self.save_owed = True
+            return False, None
+        # The checkpoint holds the loader and RNG as they are now, before the check draws and runs
+        # the next batches: a resumed run repeats exactly what this one does next.
+        loader_state = loader.state_dict()
+        rng = ckpt.rng_state()
+        host, loss = self._probe(batches)
+        ckpt.set_rng_state(rng)
+        if host is not None:
+            skip, spike = self._judge(loss, [])
+            if skip is not None or spike is not None:
+                why = ("a non-finite loss" if skip == NON_FINITE else skip) if skip else f"loss {loss:.4g}, a spike ({spike})"
+                self.log(f"step {step}: its weights give {why} on the next step's batches: its checkpoint is "
+                         f"not written; the next step that passes writes one")
+                self._trouble(step + 1, f"{why} from the weights of step {step}")
+                self.save_owed = True
+                return False, host
+        self.last_good = self.checkpoints.save(self.progress, self.model, engine, _LoaderStateAt(loader_state),
+                                               tokenizer_path)
+        self.save_owed = False
+        self.trouble_since = None
+        return True, host
+
+    def _probe(self, batches) -> tuple[list[NeoBatch] | None, float]:
+        """Collective. The next step's micro-batches and the loss of the current weights on them
+        (forward only; no gradient, no update). (None, nan) when the data is exhausted."""
+        try:
+            host = [next(batches) for _ in range(self.layout.num_microbatches)]
+        except StopIteration:
+            self.log("no batch left to check the weights on: the checkpoint is written unchecked")
+            return None, float("nan")
+        with torch.no_grad():
+            loss = forward_backward(self.model, [self._to_device(b) for b in host], self.cfg.stage.loss_reduction,
+                                    forward_only=True, grad_scale=self.layout.dp)
+        return host, self._broadcast_loss(loss)
+
+    def _trouble(self, step: int, what: str) -> None:
+        """A skipped step or a spike at ``step``: the first after a good stretch pins the newest
+        checkpoint written before it, so that rotation keeps it."""
+        if self.trouble_since is not None:
+            return
+        self.trouble_since = step
+        if self.last_good is None:
+            return
+        pinned = False
+        if self.rank == 0:
+            pinned = ckpt.pin_last_good(self.checkpoints.root, self.last_good, f"{what} at step {step}")
+        if pinned:
+            self.log(f"{self.last_good} is the last good checkpoint before step {step}: checkpoint rotation keeps it "
+                     f"({self.checkpoints.root / ckpt.LAST_GOOD})")
+
+    def _restart_advice(self) -> str:
+        if self.last_good is None:
+            return ("No checkpoint of this run comes before the trouble (from step "
+                    f"{self.trouble_since}): start it again with settings that do not diverge (a lower optim.lr).")
+        match = ckpt.STEP_DIR.match(self.last_good.name)
+        step = int(match.group(1)) if match else "?"
+        # A changed optim.lr on resume needs checkpoint.override_schedule=true (manager.py) when the
+        # optimizer state is loaded.
+        lr = ("a lower optim.lr, with checkpoint.override_schedule=true if the optimizer state is loaded"
+              if hasattr(self.cfg.checkpoint, "override_schedule") else "a lower optim.lr")
+        return (f"The last good checkpoint is {self.last_good} (step {step}; the trouble began at step "
+                f"{self.trouble_since}); checkpoint rotation keeps it. Restart from it with settings that do not "
+                f"diverge ({lr}): checkpoint.resume={self.last_good}")
+
+    def _write_exit_status(self, code: int, outcome: str, message: str) -> None:
+        """Rank 0: run_dir/exit_status.json, how this run ended (written atomically)."""
+        if self.rank != 0:
+            return
+        record = {"exit_code": code, "outcome": outcome, "step": self.progress.step,
+                  "last_good_checkpoint": str(self.last_good) if self.last_good is not None else None,
+                  "message": message}
+        path = self.run_dir / EXIT_STATUS_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
 
     def _shared_run_id(self) -> str:
         """One W&B run id for the whole run, kept in run_dir so restarts continue the same run."""

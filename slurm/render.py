@@ -15,9 +15,10 @@ from pathlib import Path
 TEMPLATE = Path(__file__).with_name("job.sbatch.in")
 GPU_CHECK_TEMPLATE = Path(__file__).with_name("gpu_check.sbatch.in")
 
-# pretrain.trainer.REQUEUE_EXIT_CODE (a test keeps the two equal; importing the trainer here would
-# pull in megatron-core just to read a constant).
+# pretrain.trainer.REQUEUE_EXIT_CODE and EXIT_STATUS_FILE (tests keep them equal; importing the
+# trainer here would pull in megatron-core just to read constants).
 REQUEUE_EXIT_CODE = 85
+EXIT_STATUS_FILE = "exit_status.json"  # rank 0's record of how training ended, in the run directory
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def render(spec: JobSpec) -> str:
         "signal_lead_s": str(spec.signal_lead_s),
         "max_restarts": str(spec.max_restarts),
         "final_checkpoint": shlex.quote(str(spec.final_checkpoint)),
+        "exit_status": shlex.quote(str(spec.run_dir / EXIT_STATUS_FILE)),
         "workdir": shlex.quote(str(spec.workdir)),
         "repo": shlex.quote(str(spec.repo)),
         "env": "\n".join(_env(spec)),

@@ -11,6 +11,8 @@ One directory per step under ``checkpoint.dir``::
       config.yaml   the resolved run config;  tokenizer/  the tokenizer the run used
       manifest.json every file with its size and sha256 -- written LAST
     latest          name of the newest complete checkpoint -- written after the rename
+    last_good.json  the checkpoint written last before a streak of skipped steps or a loss spike
+                    (``pin_last_good``): rotation never deletes it
 
 Atomicity: everything is written under ``step_N.tmp``; when every rank is done, rank 0 writes the
 manifest, fsyncs, renames the directory to ``step_N`` and only then updates ``latest``. A directory
@@ -32,6 +34,7 @@ import torch.distributed as dist
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
+LAST_GOOD = "last_good.json"
 
 
 class CheckpointError(ValueError):
@@ -148,32 +151,66 @@ def commit_save(root: Path, tmp: Path, step: int, keep: int, protected: set[str]
 
 
 def _prune(root: Path, keep: int, protected: set[str]) -> None:
-    """Keep the newest ``keep`` complete checkpoints plus the protected ones (stage ends)."""
+    """Keep the newest ``keep`` complete checkpoints plus the protected ones (stage ends) and the
+    pinned last good one (``last_good.json``)."""
+    protected = protected | ({pinned} if (pinned := last_good(root)) else set())
     complete = [p for _, p in list_checkpoints(root) if (p / MANIFEST).is_file()]
     for path in complete[:-keep] if keep > 0 else []:
         if path.name not in protected:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_rng(path: Path) -> None:
+def pin_last_good(root: Path, checkpoint: Path, reason: str) -> bool:
+    """Rank 0. Record ``checkpoint`` in ``root/last_good.json`` as the newest checkpoint before a
+    streak of skipped steps or a loss spike (``reason``): rotation keeps it until another such
+    event pins a newer one. Only a checkpoint under ``root`` can be pinned (rotation deletes
+    nothing elsewhere); returns whether it was."""
+    checkpoint = Path(checkpoint)
+    if not STEP_DIR.match(checkpoint.name) or checkpoint.parent.resolve() != Path(root).resolve():
+        return False
+    record = {"checkpoint": checkpoint.name, "path": str(checkpoint), "reason": reason}
+    tmp = Path(root) / (LAST_GOOD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, Path(root) / LAST_GOOD)
+    return True
+
+
+def last_good(root: Path) -> str | None:
+    """The name of the pinned last good checkpoint (``pin_last_good``), or None."""
+    try:
+        name = json.loads((Path(root) / LAST_GOOD).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and STEP_DIR.match(name) else None
+
+
+def rng_state() -> dict:
+    """Every RNG state of this rank (CPU, CUDA, megatron's tracker), as ``save_rng`` stores it."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, path)
+    return state
 
 
-def load_rng(path: Path) -> None:
+def set_rng_state(state: dict) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from pretrain.checkpoint.restricted import load_torch
-
-    state = load_torch(path, path)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_rng(path: Path) -> None:
+    torch.save(rng_state(), path)
+
+
+def load_rng(path: Path) -> None:
+    from pretrain.checkpoint.restricted import load_torch
+
+    set_rng_state(load_torch(path, path))
 
 
 def fault_point(where: str, step: int) -> None:

@@ -42,13 +42,21 @@ def main(argv: list[str] | None = None) -> int:
             to_hf(args.ckpt, args.out, qwen3=args.qwen3, dtype=args.dtype)
             what = "Qwen3" if args.qwen3 else "reference NEO layout"
     except CheckpointError as err:  # damaged, incomplete or crafted: a failure, not a usage error
-        print(f"error: {err}", file=sys.stderr)
+        _error(err)
         return 1
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as err:  # the wrong directory or kind of checkpoint
+        _error(err)
         return 2
+    except OSError as err:  # reading or writing failed (permissions, a full disk)
+        _error(err)
+        return 1
     print(f"wrote {args.out} ({what}) in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def _error(err: BaseException) -> None:
+    """The one line a failed conversion prints."""
+    print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

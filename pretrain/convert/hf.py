@@ -19,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from pretrain.checkpoint.checkpointer import CheckpointError
 from pretrain.convert import hf_config, mapping
 from pretrain.model.config import NeoModelConfig
 
@@ -31,18 +32,52 @@ SHARD_BYTES = 5 * 1024**3
 
 
 def read_safetensors(src: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory (its index's files, or every *.safetensors). A damaged index
+    or file, a file the index names that is not there, or a tensor stored twice is a CheckpointError."""
     src = Path(src)
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is damaged ({type(err).__name__}: {err}); "
+                                  f"re-download the checkpoint") from None
+        for name in files:
+            if not isinstance(name, str) or Path(name).name != name or not (src / name).is_file():
+                raise CheckpointError(f"{index} names {name!r}, which is not a file in {src}; "
+                                      f"re-download the checkpoint")
     else:
         files = sorted(p.name for p in src.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{src} holds no .safetensors weights")
-    sd = {}
+    sd: dict[str, torch.Tensor] = {}
     for name in files:
-        sd.update(load_file(src / name))
+        try:
+            part = load_file(src / name)
+        except Exception as err:  # safetensors' own error type for a truncated or foreign file
+            raise CheckpointError(f"{src / name} is not a readable safetensors file ({err}); "
+                                  f"re-download the checkpoint") from None
+        twice = sorted(sd.keys() & part.keys())
+        if twice:
+            raise CheckpointError(f"{src / name} repeats {len(twice)} tensor(s) of another file "
+                                  f"({', '.join(twice[:3])}); re-download the checkpoint")
+        sd.update(part)
     return sd
+
+
+def check_tensors(sd: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], what: str,
+                  optional: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Every tensor of ``shapes`` present with that shape, nothing else but ``optional`` ones (of
+    their shape): else one CheckpointError line with the counts and first names of what is wrong."""
+    optional = optional or {}
+    missing, unexpected = mapping.key_mismatch(sd, list(shapes), list(optional))
+    want = {**optional, **shapes}
+    wrong = [f"{k} {list(sd[k].shape)} not {list(want[k])}" for k in want
+             if k in sd and tuple(sd[k].shape) != tuple(want[k])]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{what}: {mapping.describe_mismatch(missing, unexpected, wrong)}; "
+                              f"re-download it or point at the right directory")
 
 
 def write_safetensors(sd: dict[str, torch.Tensor], out: Path) -> None:
@@ -103,6 +138,12 @@ def single_process_model(neo: NeoModelConfig, init: bool = True, seed: int = 123
 def load_full_state_dict(model, sd: dict[str, torch.Tensor]) -> None:
     """Load every weight of a TP1PP1 model from ``sd``; megatron's ``_extra_state`` entries (empty
     TransformerEngine hooks) are the only keys allowed to be absent."""
+    own = model.state_dict()
+    wrong = [f"{k} {list(v.shape)} not {list(own[k].shape)}" for k, v in sd.items()
+             if k in own and torch.is_tensor(own[k]) and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"state dict does not fit the model: {len(wrong)} tensor(s) of the wrong shape "
+                         f"({', '.join(wrong[:3])})")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing or unexpected:
@@ -146,6 +187,19 @@ def write_random_qwen3(neo: NeoModelConfig, out: str | Path, tokenizer_dir: str 
 
 
 
+def _load_tokenizer(src: Path):
+    """The HF directory's tokenizer, or None if it has none; one that does not load is an error."""
+    from transformers import AutoTokenizer
+
+    if not ((src / "tokenizer_config.json").is_file() or (src / "tokenizer.json").is_file()):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as err:  # transformers raises many kinds for a damaged tokenizer
+        raise CheckpointError(f"{src}: the tokenizer does not load ({type(err).__name__}: {err}); "
+                              f"re-download the checkpoint") from None
+
+
 def _grow_vocab(tokenizer, neo: NeoModelConfig, sd: dict[str, torch.Tensor]) -> None:
     """Add NEO's special tokens; grow the embedding (and untied LM head) rows if they no longer
     fit, new rows at the mean embedding (a neutral start), padded to VOCAB_MULTIPLE."""
@@ -166,25 +220,47 @@ def _grow_vocab(tokenizer, neo: NeoModelConfig, sd: dict[str, torch.Tensor]) -> 
 
 def from_hf(src: str | Path, out: str | Path, pre_buffer_layers: int = 0, seed: int = 1234,
             vision_hidden_size: int | None = None) -> NeoModelConfig:
-    """HF Qwen3 (as the post-LLM, spec init of the new weights) or reference NEO -> our checkpoint."""
-    from transformers import AutoTokenizer
+    """HF Qwen3 (as the post-LLM, spec init of the new weights) or reference NEO -> our checkpoint.
 
+    The source is checked before anything is written: config.json must give every field the
+    shape needs, and the weights must be exactly the tensors that shape has (a missing one would
+    otherwise keep its random init, silently), else CheckpointError (one line)."""
     src, out = Path(src), Path(out)
-    cfg = hf_config.read_config(src)
+    try:
+        cfg = hf_config.read_config(src)
+        is_neo = cfg.get("model_type") == "neo_chat"
+        vision = {"vision_hidden_size": vision_hidden_size} if vision_hidden_size else {}
+        neo = hf_config.from_neo(cfg) if is_neo else hf_config.from_qwen3(cfg, pre_buffer_layers, **vision)
+    except hf_config.HFConfigError as err:
+        if str(err).startswith(str(src)):  # read_config's own errors name the file
+            raise CheckpointError(str(err)) from None
+        raise CheckpointError(f"{src}: {err}; fix it or re-download the checkpoint") from None
     sd = {k: v.float() for k, v in read_safetensors(src).items()}
-    has_tokenizer = (src / "tokenizer_config.json").is_file() or (src / "tokenizer.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(src) if has_tokenizer else None
+    if is_neo:  # every tensor the mapping needs, and nothing it would drop (shapes: against the model)
+        optional = ["language_model.lm_head.weight"] if neo.tie_word_embeddings else []
+        missing, unexpected = mapping.key_mismatch(sd, mapping.neo_hf_keys(neo), optional)
+        if missing or unexpected:
+            raise CheckpointError(f"{src} is not a complete NEO checkpoint of the shape its config.json gives "
+                                  f"({neo.pre_buffer_layers} pre-Buffer + {neo.post_llm_layers} post-LLM layers): "
+                                  f"{mapping.describe_mismatch(missing, unexpected)}; "
+                                  f"re-download it or point at the right directory")
+    else:  # before anything reads a tensor: a missing one would otherwise keep its random init
+        shapes = mapping.qwen3_shapes(neo)
+        tied_copy = {"lm_head.weight": shapes["model.embed_tokens.weight"]} if neo.tie_word_embeddings else {}
+        check_tensors(sd, shapes, f"{src} is not a complete Qwen3 of the shape its config.json gives "
+                                  f"({neo.post_llm_layers} layers, hidden {neo.hidden_size})", tied_copy)
+    tokenizer = _load_tokenizer(src)
 
-    if cfg.get("model_type") == "neo_chat":
-        neo = hf_config.from_neo(cfg)
-        ours = mapping.neo_hf_to_ours(sd, neo)
+    if is_neo:
         with single_process_model(neo, init=False) as model:
-            load_full_state_dict(model, ours)
+            expected = {k: tuple(v.shape) for k, v in mapping.ours_to_neo_hf(model.state_dict(), neo).items()}
+            tied_copy = ({"language_model.lm_head.weight": expected[mapping.LM + "embed_tokens.weight"]}
+                         if neo.tie_word_embeddings else {})
+            check_tensors(sd, expected, f"{src} does not fit the NEO shape its config.json gives", tied_copy)
+            load_full_state_dict(model, mapping.neo_hf_to_ours(sd, neo))
             save_model_checkpoint(model, neo, out, tokenizer)
         return neo
 
-    vision = {"vision_hidden_size": vision_hidden_size} if vision_hidden_size else {}
-    neo = hf_config.from_qwen3(cfg, pre_buffer_layers, **vision)
     if tokenizer is not None:
         _grow_vocab(tokenizer, neo, sd)
     post_llm = mapping.qwen3_to_neo_hf(sd, neo)
@@ -192,7 +268,7 @@ def from_hf(src: str | Path, out: str | Path, pre_buffer_layers: int = 0, seed: 
         fresh = mapping.ours_to_neo_hf(model.state_dict(), neo)  # pre-Buffer + vision: spec init
         for key, value in post_llm.items():
             if key not in fresh or fresh[key].shape != value.shape:
-                raise ValueError(f"{key}: the Qwen3 checkpoint does not fit the NEO shape {neo}")
+                raise CheckpointError(f"{src}: {key} does not fit the NEO shape its config.json gives")
         load_full_state_dict(model, mapping.neo_hf_to_ours({**fresh, **post_llm}, neo))
         save_model_checkpoint(model, neo, out, tokenizer)
     return neo

@@ -42,6 +42,66 @@ _GLOBAL_SAME = {
 }
 
 
+# Per-layer tensors of a plain HF Qwen3 (attention without biases), in checkpoint order.
+_QWEN3_LAYER = (
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+    "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+)
+# Per-layer tensors of the reference NEO layout besides _LAYER_SAME's.
+_NEO_LAYER_FUSED = (
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.q_proj_hw.weight", "self_attn.k_proj_hw.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+)
+
+
+def qwen3_shapes(cfg: NeoModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a plain HF Qwen3 of the post-LLM's shape holds, with its shape (lm_head only
+    when untied). ``cfg.vocab_size`` is the checkpoint's own (before NEO's tokens are added)."""
+    h, d, f, v = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
+    nq, nkv = cfg.num_attention_heads * d, cfg.num_kv_heads * d
+    shapes = [(h,), (nq, h), (nkv, h), (nkv, h), (h, nq), (d,), (d,), (h,), (f, h), (f, h), (h, f)]
+    layer = dict(zip(_QWEN3_LAYER, shapes, strict=True))
+    out = {"model.embed_tokens.weight": (v, h)}
+    for i in range(cfg.post_llm_layers):
+        out.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    out["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def neo_hf_keys(cfg: NeoModelConfig) -> list[str]:
+    """Every tensor of a reference NEO HF checkpoint of this shape (lm_head only when untied)."""
+    keys = [theirs for ours, theirs in _GLOBAL_SAME.items()
+            if ours != "output_layer.weight" or not cfg.tie_word_embeddings]
+    for n in range(cfg.num_layers):
+        keys += [f"{LM}layers.{n}.{name}" for name in (*_LAYER_SAME.values(), *_NEO_LAYER_FUSED)]
+    return keys
+
+
+def key_mismatch(present, expected, optional=()) -> tuple[list[str], list[str]]:
+    """(expected keys absent, in ``expected``'s order; present keys neither expected nor optional, sorted)."""
+    present, wanted = set(present), set(expected)
+    return [k for k in expected if k not in present], sorted(present - wanted - set(optional))
+
+
+def describe_mismatch(missing: list[str], unexpected: list[str], wrong_shape: list[str] = (),
+                      few: int = 3) -> str:
+    """One line: counts and the first few names of missing, unexpected and misshapen tensors."""
+    def some(keys) -> str:
+        return ", ".join(keys[:few]) + (", ..." if len(keys) > few else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensor(s) it should not have ({some(unexpected)})")
+    if wrong_shape:
+        parts.append(f"{len(wrong_shape)} tensor(s) of the wrong shape ({some(list(wrong_shape))})")
+    return "; ".join(parts)
+
+
 def _groups(cfg: NeoModelConfig) -> tuple[int, int, int]:
     return cfg.num_kv_heads, cfg.num_attention_heads // cfg.num_kv_heads, cfg.head_dim
 
@@ -87,12 +147,17 @@ def ours_to_neo_hf(sd: dict[str, torch.Tensor], cfg: NeoModelConfig) -> dict[str
 
 
 def neo_hf_to_ours(sd: dict[str, torch.Tensor], cfg: NeoModelConfig) -> dict[str, torch.Tensor]:
+    optional = ["language_model.lm_head.weight"] if cfg.tie_word_embeddings else []
+    missing, unexpected = key_mismatch(sd, neo_hf_keys(cfg), optional)
+    if missing or unexpected:
+        raise ValueError(f"not a NEO checkpoint of this shape ({cfg.pre_buffer_layers} pre-Buffer + "
+                         f"{cfg.post_llm_layers} post-LLM layers): {describe_mismatch(missing, unexpected)}")
     out, rest = {}, dict(sd)
+    if cfg.tie_word_embeddings:
+        rest.pop("language_model.lm_head.weight", None)  # HF may materialise the tied copy
     for ours, theirs in _GLOBAL_SAME.items():
         if theirs in rest:
             out[ours] = rest.pop(theirs)
-    if cfg.tie_word_embeddings:
-        rest.pop("language_model.lm_head.weight", None)  # HF may materialise the tied copy
     for n in range(cfg.num_layers):
         src, dst = f"{LM}layers.{n}.", f"decoder.layers.{n}."
         for ours, theirs in _LAYER_SAME.items():
@@ -122,7 +187,13 @@ def q_proj_hw_from_q_proj(q_proj: torch.Tensor, cfg: NeoModelConfig) -> torch.Te
 def qwen3_to_neo_hf(sd: dict[str, torch.Tensor], cfg: NeoModelConfig) -> dict[str, torch.Tensor]:
     """A Qwen3 checkpoint as the post-LLM of a NEO model (layer i -> i + pre_buffer_layers), with
     the spec's init of the new H/W weights. Pre-Buffer and vision weights are NOT produced: the
-    caller takes them from a freshly initialised model."""
+    caller takes them from a freshly initialised model. Every tensor of the Qwen3 must be there
+    and nothing else (a tied checkpoint may carry lm_head.weight, the embedding's copy)."""
+    optional = ["lm_head.weight"] if cfg.tie_word_embeddings else []
+    missing, unexpected = key_mismatch(sd, list(qwen3_shapes(cfg)), optional)
+    if missing or unexpected:
+        raise ValueError(f"not a Qwen3 checkpoint of {cfg.post_llm_layers} layers: "
+                         f"{describe_mismatch(missing, unexpected)}")
     out, rest = {}, dict(sd)
     out[LM + "embed_tokens.weight"] = rest.pop("model.embed_tokens.weight")
     out[LM + "norm.weight"] = rest.pop("model.norm.weight")

@@ -5,6 +5,7 @@
     batch = next(loader)          # NeoBatch of micro_batch_size rows of exactly seq_len tokens
     loader.totals                 # cumulative LoaderStats (samples, fill, skipped, errors)
     loader.stats()                # the same as a flat dict for metrics (pack_fill, skipped_samples, ...)
+    loader.summary()              # one line on the samples skipped so far (None if none), for the end of a run
     loader.interval_stats()       # LoaderStats since the previous call (per log interval)
     loader.last                   # BatchInfo of the batch just returned (keys, fill per row)
     state = loader.state_dict()   # plain JSON-able; every DP rank saves its own
@@ -66,8 +67,9 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-class LoaderStateError(ValueError):
-    """A saved loader state that does not belong to this loader's layout."""
+class LoaderStateError(ConfigError):
+    """A saved loader state that does not belong to this loader's layout (a ``ConfigError``: the
+    trainer ends on one line naming the difference)."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,10 @@ class LoaderStats:
     samples: int = 0  # documents packed into returned rows
     real_tokens: int = 0  # non-padding tokens in returned rows
     row_tokens: int = 0  # rows * seq_len
-    skipped_too_long: int = 0
-    sample_errors: int = 0
+    skipped_too_long: int = 0  # too-long records, each time one came round (repeats included)
+    sample_errors: int = 0  # failed samples, each time one came round
+    too_long_samples: int = 0  # distinct samples longer than seq_len (never truncated)
+    error_samples: int = 0  # distinct samples that failed
 
     @property
     def fill(self) -> float:
@@ -120,6 +124,33 @@ class LoaderStats:
 
     def minus(self, other: LoaderStats) -> LoaderStats:
         return LoaderStats(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
+
+
+class NothingFitsError(ConfigError):
+    """No sample of the data fits seq_len: every row would be padding (a loss of 0/0)."""
+
+
+_MAX_LISTED_KEYS = 3
+
+
+def too_long_summary(too_long: dict[str, tuple[int, int | None]], seq_len: int) -> str:
+    """One line on the distinct samples longer than ``seq_len``: how many, how long, and what would
+    make them fit (a longer seq_len, or the pixel budget per image to rebuild the data with)."""
+    n = len(too_long)
+    lengths = [length for length, _ in too_long.values()]
+    keys = sorted(identity.rpartition(":")[2] for identity in too_long)[:_MAX_LISTED_KEYS]
+    line = (f"{n} sample{'s' if n != 1 else ''} cannot fit seq_len {seq_len} (train.seq_len) and "
+            f"{'are' if n != 1 else 'is'} skipped, never truncated ({min(lengths)} to {max(lengths)} tokens; "
+            f"e.g. {', '.join(keys)})")
+    budgets = [fit for _, fit in too_long.values() if fit]
+    text_bound = sum(1 for _, fit in too_long.values() if not fit)
+    fixes = [f"train.seq_len={max(lengths)} fits them all"]
+    if budgets:
+        fixes.append(f"rebuilding the data with data_prep --max-pixels {min(budgets)} fits the {len(budgets)} "
+                     "with images at this seq_len")
+        if text_bound:
+            fixes.append(f"{text_bound} do not fit at any pixel budget")
+    return f"{line}: {'; '.join(fixes)}"
 
 
 def resolve_tokenizer_path(config: LoaderConfig) -> Path:
@@ -133,18 +164,32 @@ def resolve_tokenizer_path(config: LoaderConfig) -> Path:
     )
 
 
-def _check_data_path(path: str) -> None:
+def check_data_path(path: str | Path) -> None:
+    """ConfigError (one line) unless ``path`` is a finished data_prep build (or an Energon data set
+    directory) or a blend YAML. A build is finished when its ``manifest.json`` is there (data_prep
+    writes it last); Energon's ``.nv-meta/`` comes just before it, unless ``--no-energon``."""
     p = Path(path)
     if p.is_dir():
-        if not (p / ".nv-meta" / "dataset.yaml").is_file():
-            raise FileNotFoundError(
-                f"{p} has no .nv-meta/dataset.yaml: not a finished data_prep build (run data_prep without --no-energon)"
+        if (p / ".nv-meta" / "dataset.yaml").is_file():
+            return
+        if not any(p.iterdir()):
+            raise ConfigError(f"data.path {p} is an empty directory: build the data there with `python -m data_prep`")
+        if not (p / "manifest.json").is_file():
+            raise ConfigError(
+                f"incomplete data_prep build at {p} (no manifest.json: the build was killed or is still running): "
+                "rerun it"
             )
-    elif p.is_file():
+        raise ConfigError(
+            f"{p} has no .nv-meta/dataset.yaml: it was built with --no-energon; run data_prep without --no-energon"
+        )
+    if p.is_file():
         if p.suffix not in (".yaml", ".yml"):
-            raise ValueError(f"data path {p} is a file but not an Energon metadataset YAML")
-    else:
-        raise FileNotFoundError(f"data path {p} does not exist")
+            raise ConfigError(f"data.path {p} is a file but not an Energon metadataset (blend) YAML")
+        return
+    raise ConfigError(f"data.path {p} does not exist")
+
+
+_check_data_path = check_data_path
 
 
 BLEND_HEADER = {"__module__": ENERGON_MODULE, "__class__": "MetadatasetV2"}
@@ -293,6 +338,11 @@ class NeoDataLoader:
         self._loader = get_savable_loader(dataset, prefetch_factor=config.prefetch_factor)
         self._iterator = None
         self.totals = LoaderStats()
+        # Distinct skipped samples: identity -> (tokens, pixel budget per image that fits), and the
+        # identities of failed ones. Saved with the state, so a resumed run does not count again.
+        self._too_long: dict[str, tuple[int, int | None]] = {}
+        self._errored: set[str] = set()
+        self._too_long_reported = False
         self.last: BatchInfo | None = None
         self._interval_mark = LoaderStats()
 
@@ -312,6 +362,17 @@ class NeoDataLoader:
             else:
                 micro = next(self._iterator)
         self._account(micro)
+        if self.totals.samples == 0 and micro.too_long:
+            # Nothing has fitted yet and this whole micro-batch is padding: every sample read so
+            # far is too long. Training on it would divide a zero loss by zero.
+            raise NothingFitsError(
+                f"no sample fits: every sample read so far is longer than seq_len; "
+                f"{too_long_summary(self._too_long, self.config.seq_len)}"
+            )
+        if self._too_long and not self._too_long_reported:
+            self._too_long_reported = True
+            log.warning("%s; counted in skipped_samples from now on, not logged one by one",
+                        too_long_summary(self._too_long, self.config.seq_len))
         return micro.batch
 
     def _account(self, micro: MicroBatch) -> None:
@@ -323,18 +384,34 @@ class NeoDataLoader:
         s.row_tokens += len(micro.keys) * self.config.seq_len
         s.skipped_too_long += len(micro.skipped)
         s.sample_errors += micro.errors
+        for identity, length, fit in micro.too_long:
+            self._too_long.setdefault(identity, (int(length), fit))
+        self._errored.update(micro.error_ids)
+        s.too_long_samples, s.error_samples = len(self._too_long), len(self._errored)
         self.last = BatchInfo(
             keys=list(micro.keys), real_tokens=list(micro.real_tokens), seq_len=self.config.seq_len
         )
 
     def stats(self) -> dict:
-        """Cumulative counters as a flat dict for metrics; ``skipped_samples`` = too long + errors."""
+        """Cumulative counters as a flat dict for metrics; ``skipped_samples`` = distinct samples
+        skipped as too long or failed (a sample the data brings round again counts once)."""
         t = self.totals
         return {
             **asdict(t),
             "pack_fill": t.fill,
-            "skipped_samples": t.skipped_too_long + t.sample_errors,
+            "skipped_samples": t.too_long_samples + t.error_samples,
         }
+
+    def summary(self) -> str | None:
+        """One line on what was skipped so far (distinct samples), for the end of a run; None if nothing."""
+        parts = []
+        if self._too_long:
+            parts.append(too_long_summary(self._too_long, self.config.seq_len))
+        if self._errored:
+            n = len(self._errored)
+            parts.append(f"{n} sample{'s' if n != 1 else ''} failed to load and {'were' if n != 1 else 'was'} "
+                         f"skipped ({self.totals.sample_errors} times in all; the log names each)")
+        return "; ".join(parts) or None
 
     def interval_stats(self) -> LoaderStats:
         """Counters since the previous call (for per-log-interval metrics such as pack fill)."""
@@ -367,6 +444,10 @@ class NeoDataLoader:
             "seed": self.config.seed,
             "data_path": str(self.config.path),
             "stats": asdict(self.totals),
+            "skipped": {
+                "too_long": [[k, length, fit] for k, (length, fit) in sorted(self._too_long.items())],
+                "errors": sorted(self._errored),
+            },
             "energon": to_plain(energon_state),
         }
 
@@ -397,6 +478,10 @@ class NeoDataLoader:
             )
         self._loader.restore_state_rank(from_plain(state["energon"]))
         self.totals = LoaderStats(**state.get("stats", {}))
+        skipped = state.get("skipped") or {}
+        self._too_long = {str(k): (int(length), fit) for k, length, fit in skipped.get("too_long", [])}
+        self._errored = set(map(str, skipped.get("errors", [])))
+        self._too_long_reported = bool(self._too_long)
         self._interval_mark = LoaderStats(**asdict(self.totals))
 
     def close(self) -> None:
@@ -448,7 +533,9 @@ __all__ = [
     "LoaderStateError",
     "LoaderStats",
     "NeoDataLoader",
+    "NothingFitsError",
     "TrainLoader",
+    "check_data_path",
     "check_data_trust",
     "data_trust_problems",
 ]

@@ -6,7 +6,8 @@ Pipeline inside each loader worker (Energon calls these in this order):
    (parsed, contract-checked JSON + image bytes in image order). No pixel is decoded yet.
 2. ``preencode_sample``: chat template, tokens, labels, loss mask, image blocks (from the JSON's
    recorded grids). A sample longer than ``seq_len`` becomes a zero-length "skipped" record
-   (logged with its key and length, never truncated).
+   (never truncated) carrying its length and the pixel budget per image with which it would fit;
+   the loader counts distinct ones and reports them in a line and its summary, not one line each.
 3. ``select_samples_to_pack``: first-fit decreasing over the packing buffer; every record,
    including skipped ones, goes into some pack (Energon drops whatever a selector leaves out).
 4. ``postencode_sample``: decode the images of the selected documents (size checked against the
@@ -22,8 +23,9 @@ state as sample indices and rebuild buffers on restore.
 Errors: a sample that fails in any step (bad JSON, missing or undecodable image, size mismatch,
 text that would tokenise to a control token: ``template.ControlTokenError``) is handed by
 Energon to ``SampleErrorLog.handle`` (installed as the worker config's ``global_error_handler``):
-it is logged with dataset, shard, index and key, counted, and skipped.
-The count travels to the trainer inside the next pack of the same worker. Energon raises
+it is logged with dataset, shard, index and key (once per sample and worker, however often the
+data repeats), counted, and skipped. The count and the samples' identities travel to the trainer
+inside the next pack of the same worker (the loader counts distinct samples). Energon raises
 ``FatalSampleError`` after 100 failures in a row, which stops the run (data that broken should).
 """
 
@@ -78,6 +80,9 @@ class EncodedSample(Sample):
     image_meta: list  # the JSON's images entries (size, grid)
     image_bytes: list
     document: Document | None = None  # set by postencode_sample (images decoded)
+    # Skipped records: the largest pixel count per image (data_prep --max-pixels) with which the
+    # sample would fit seq_len; 0 if its text alone does not fit; None if it has no image.
+    fit_pixels: int | None = None
 
     @property
     def skipped(self) -> bool:
@@ -92,6 +97,8 @@ class Pack(Sample):
     skipped: tuple  # ((key, length), ...) of too-long samples that rode along with this pack
     errors: int  # sample errors this worker saw since its previous pack
     error_details: tuple  # a few (where, message) of those errors
+    too_long: tuple = ()  # ((identity, length, fit_pixels), ...) of the skipped records
+    error_ids: tuple = ()  # identity of every sample behind ``errors``
 
 
 @edataclass
@@ -104,6 +111,8 @@ class MicroBatch(Batch):
     skipped: list  # (key, length) of too-long samples
     errors: int
     error_details: list
+    too_long: list | tuple = ()  # (identity, length, fit_pixels) of too-long samples
+    error_ids: list | tuple = ()  # identities of the erroneous samples
 
     def pin_memory(self) -> MicroBatch:
         """Called by the DataLoader's pin-memory thread on GPU machines: pin the tensors only."""
@@ -128,17 +137,32 @@ def _sample_key(sample: Any) -> str | None:
     return None
 
 
+def sample_identity(key: str | None, sources: Any) -> str:
+    """What tells one sample from another across repeats of the data and across the data sets of
+    a blend: its data set and key (keys are unique within a data_prep directory)."""
+    source = next(iter(sources or ()), None)
+    dataset = getattr(source, "dataset_path", None)
+    if key:
+        return f"{dataset}:{key}" if dataset is not None else str(key)
+    if source is not None:
+        return f"{dataset}:{getattr(source, 'shard_name', '?')}[{getattr(source, 'index', '?')}]"
+    return "unknown sample"
+
+
 class SampleErrorLog:
     """Energon error handler that logs and counts instead of printing and moving on.
 
     One instance per task encoder; each loader worker has its own copy (fork), and its pending
-    errors are drained into the worker's next pack, so the trainer sees every count.
+    errors are drained into the worker's next pack, so the trainer sees every count. A sample is
+    logged the first time this worker sees it fail, not again when the data comes round again.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._count = 0
         self._details: list[tuple[str, str]] = []
+        self._ids: list[str] = []
+        self._logged: set[str] = set()
 
     def handle(self, exc: Exception, sample: Any, sources: list | None = None) -> None:
         where = []
@@ -148,25 +172,33 @@ class SampleErrorLog:
         key = _sample_key(sample)
         location = " ".join(where) or "unknown source"
         message = f"{type(exc).__name__}: {exc}"
-        log.warning("skipping sample %s (%s): %s", key, location, message)
+        identity = sample_identity(key, sources)
         with self._lock:
+            first = identity not in self._logged
+            self._logged.add(identity)
             self._count += 1
+            self._ids.append(identity)
             if len(self._details) < _MAX_ERROR_DETAILS:
                 self._details.append((f"{location} key={key}", message))
+        if first:
+            log.warning("skipping sample %s (%s): %s", key, location, message)
 
-    def drain(self) -> tuple[int, tuple]:
+    def drain(self) -> tuple[int, tuple, tuple]:
+        """(errors, a few details, the identity of each erroneous sample) since the last drain."""
         with self._lock:
-            count, details = self._count, tuple(self._details)
-            self._count, self._details = 0, []
-        return count, details
+            count, details, ids = self._count, tuple(self._details), tuple(self._ids)
+            self._count, self._details, self._ids = 0, [], []
+        return count, details, ids
 
     # A lock cannot be pickled; Energon copies the worker config (and this handler with it).
     def __getstate__(self):
-        return {"_count": self._count, "_details": list(self._details)}
+        return {"_count": self._count, "_details": list(self._details), "_ids": list(self._ids),
+                "_logged": set(self._logged)}
 
     def __setstate__(self, state):
         self.__init__()
         self._count, self._details = state["_count"], state["_details"]
+        self._ids, self._logged = list(state.get("_ids", [])), set(state.get("_logged", ()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,14 +285,13 @@ class NeoTaskEncoder(DefaultTaskEncoder):
         rendered = self.template.render(sample.meta)
         length = len(rendered)
         if length > self.seq_len:
-            log.warning(
-                "skipping sample %s: %d tokens > seq_len %d (never truncated)",
-                sample.__key__,
-                length,
-                self.seq_len,
-            )
+            # Counted by the loader (distinct samples, one line and its summary), not logged here:
+            # the data repeats, and a too-small seq_len would print a line per sample per pass.
+            log.debug("sample %s: %d tokens > seq_len %d, skipped (never truncated)",
+                      sample.__key__, length, self.seq_len)
             return EncodedSample.derive_from(
-                sample, length=length, rendered=None, image_meta=[], image_bytes=[]
+                sample, length=length, rendered=None, image_meta=[], image_bytes=[],
+                fit_pixels=self.fit_pixels(length, sample.meta["images"]),
             )
         return EncodedSample.derive_from(
             sample,
@@ -269,6 +300,21 @@ class NeoTaskEncoder(DefaultTaskEncoder):
             image_meta=sample.meta["images"],
             image_bytes=sample.images,
         )
+
+    def fit_pixels(self, length: int, images: list[dict]) -> int | None:
+        """The largest pixel count per image (what data_prep's ``--max-pixels`` bounds) with which
+        a document of ``length`` tokens and these images fits ``seq_len``: each image costs its
+        ``num_tokens`` plus ``<img>`` and ``</img>``, and one token covers size/num_tokens pixels
+        (32 x 32). 0 when the text alone (with one token per image) does not fit; None without images."""
+        if not images:
+            return None
+        image_tokens = sum(int(e["num_tokens"]) + 2 for e in images)
+        room = self.seq_len - (length - image_tokens) - 2 * len(images)
+        per_image = room // len(images)
+        if per_image < 1:
+            return 0
+        pixels_per_token = max(int(e["size"][0]) * int(e["size"][1]) // max(1, int(e["num_tokens"])) for e in images)
+        return per_image * pixels_per_token
 
     # 3. selection -----------------------------------------------------------------------------
     def select_samples_to_pack(self, samples: list[EncodedSample]) -> list[list[EncodedSample]]:
@@ -326,7 +372,7 @@ class NeoTaskEncoder(DefaultTaskEncoder):
     def pack_selected_samples(self, samples: list[EncodedSample]) -> Pack:
         documents = [s.document for s in samples if not s.skipped]
         row = build_row(documents, self.seq_len, self.pad_id)
-        errors, details = self.error_log.drain()
+        errors, details, error_ids = self.error_log.drain()
         keys = tuple(d.key for d in documents)
         return Pack(
             __key__=keys[0] if keys else samples[0].__key__,
@@ -338,6 +384,10 @@ class NeoTaskEncoder(DefaultTaskEncoder):
             skipped=tuple((s.__key__, s.length) for s in samples if s.skipped),
             errors=errors,
             error_details=details,
+            too_long=tuple(
+                (sample_identity(s.__key__, s.__sources__), s.length, s.fit_pixels) for s in samples if s.skipped
+            ),
+            error_ids=error_ids,
         )
 
     # 6. micro-batch ---------------------------------------------------------------------------
@@ -352,6 +402,8 @@ class NeoTaskEncoder(DefaultTaskEncoder):
             skipped=[s for p in samples for s in p.skipped],
             errors=sum(p.errors for p in samples),
             error_details=[d for p in samples for d in p.error_details],
+            too_long=[t for p in samples for t in p.too_long],
+            error_ids=[i for p in samples for i in p.error_ids],
         )
 
 
@@ -376,6 +428,7 @@ __all__ = [
     "SampleErrorLog",
     "SampleFormatError",
     "cook_raw_sample",
+    "sample_identity",
     "encode_document",
     "single_thread",
 ]

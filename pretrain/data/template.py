@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.config import ConfigError
+
 IMAGE_TAG = "<image>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
 IMG_START = "<img>"
@@ -53,6 +55,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 EOS = "<|endoftext|>"
 ROLES = ("system", "user", "assistant")
+SPECIAL_TOKENS = (IMG_CONTEXT, IMG_START, IMG_END, IM_START, IM_END, EOS)  # placed by the template, by id
 
 
 class ControlTokenError(ValueError):
@@ -69,6 +72,30 @@ def control_token_ids(tokenizer) -> dict[int, str]:
         if tid is not None and tid != getattr(tokenizer, "unk_token_id", None):
             out.setdefault(int(tid), str(token))
     return out
+
+
+def missing_special_tokens(tokenizer) -> list[str]:
+    """The template's special tokens (``SPECIAL_TOKENS``) that ``tokenizer`` does not have."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    missing = []
+    for token in SPECIAL_TOKENS:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == unk:
+            missing.append(token)
+    return missing
+
+
+def check_tokenizer(path: str | Path, what: str = "tokenizer.path") -> None:
+    """ConfigError (one line) unless ``path`` is an HF tokenizer directory with NEO's special
+    tokens: the trainer checks this before it starts, not when the first batch is drawn."""
+    path = Path(path)
+    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"no tokenizer at {path} ({what}): set tokenizer.path to an HF tokenizer directory")
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"the tokenizer at {path} does not load: {' '.join(str(err).split())[:300]}") from None
+    ChatTemplate(tokenizer)  # names every missing special token
 
 
 def load_tokenizer(path: str | Path):
@@ -116,14 +143,14 @@ class ChatTemplate:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        ids = {}
-        for token in (IMG_CONTEXT, IMG_START, IMG_END, IM_START, IM_END, EOS):
-            tid = tokenizer.convert_tokens_to_ids(token)
-            if tid is None or tid == getattr(tokenizer, "unk_token_id", None):
-                raise ValueError(
-                    f"tokenizer has no {token!r} token: use a NEO tokenizer (data_prep tokenizer)"
-                )
-            ids[token] = int(tid)
+        missing = missing_special_tokens(tokenizer)
+        if missing:
+            raise ConfigError(
+                f"the tokenizer at {getattr(tokenizer, 'name_or_path', '?')} lacks NEO's special tokens "
+                f"{', '.join(missing)}: use the tokenizer data_prep writes next to its shards (<data>/tokenizer) "
+                "or add them to this one as special tokens"
+            )
+        ids = {token: int(tokenizer.convert_tokens_to_ids(token)) for token in SPECIAL_TOKENS}
         self.img_context_id = ids[IMG_CONTEXT]
         self.img_start_id = ids[IMG_START]
         self.img_end_id = ids[IMG_END]
