@@ -212,10 +212,10 @@ def validate(cfg: Config, world_size: int) -> Layout:
     if model.vocab_size % tp:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp} (pad it to a multiple of 128)")
 
-    per_rank = max(model.parameters_per_rank(tp, pp, split))
+    per_rank = model.num_parameters() / (tp * pp)  # the average rank: the fullest holds at least this
     if 2 * per_rank > MAX_BYTES_PER_RANK:
         raise ConfigError(
-            f"this model puts {per_rank / 1e9:.1f}B parameters on one rank at TP{tp}xPP{pp} ({2 * per_rank / 1e9:.0f} GB "
+            f"this model puts at least {per_rank / 1e9:.1f}B parameters on one rank at TP{tp}xPP{pp} ({2 * per_rank / 1e9:.0f} GB "
             f"of bf16 weights alone, more than any GPU holds): check the model.* sizes or raise parallel.tp/parallel.pp"
         )
 

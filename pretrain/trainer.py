@@ -244,20 +244,14 @@ class Trainer:
     def build_loader(self, tokenizer_path: Path):
         from pretrain.data.loader import TrainLoader
 
-        from pretrain.data import workers
-
         cfg = self.cfg
-        loader = TrainLoader(
+        return TrainLoader(
             path=cfg.data.path, tokenizer_path=str(tokenizer_path), seq_len=cfg.train.seq_len,
             micro_batch_size=cfg.train.micro_batch_size, dp_rank=ps.get_data_parallel_rank(),
             dp_size=self.layout.dp, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
             packing_buffer=cfg.data.packing_buffer, shuffle_buffer=cfg.data.shuffle_buffer,
             trust_dataset_code=cfg.data.trust_dataset_code,
         )
-        # Loader workers must not die of the SIGTERM/SIGUSR1 meant for this rank. The loader should
-        # chain workers.worker_init_fn itself; until it does, this does it (a no-op once it does).
-        workers.protect(getattr(loader, "_loader", None))
-        return loader
 
     # ------------------------------------------------------------------------------------ loop
 
@@ -300,7 +294,6 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
             (self.run_dir / EXIT_STATUS_FILE).unlink(missing_ok=True)  # a crash leaves none
         tokenizer_path = self.tokenizer_path()
         from pretrain.data.template import load_tokenizer
@@ -315,6 +308,8 @@ class Trainer:
             signal.signal(sig, self._on_signal)
         # Weights first, optimizer second (pretrain/checkpoint/manager.py says why).
         resume = self.checkpoints.resume_point()
+        if self.rank == 0:  # only once the resume checks accept it: config.yaml says what runs
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
         self.last_good = resume
         weights = self.initial_weights() if resume is None else None
         self.model = self.build_model(init_weights=resume is None and weights is None)
@@ -348,6 +343,10 @@ class Trainer:
             raise
         finally:
             metrics.close()
+        skipped = self._skipped_samples(loader)
+        if skipped:
+            where = "" if layout.dp == 1 else f" over all {layout.dp} DP ranks; DP rank 0"
+            self.log(f"skipped {skipped} distinct samples{where}: {loader.summary()}")
         if exit_code == 0:
             self._write_exit_status(0, "done", f"{cfg.train.steps} steps of {cfg.stage.name}")
             self.log(f"done: {cfg.train.steps} steps of {cfg.stage.name}; checkpoints in {self.checkpoints.root}")
@@ -406,11 +405,10 @@ class Trainer:
             interval["fill"] += fill
             interval["steps"] += 1
             if progress.step % cfg.log.every == 0 or progress.step == cfg.train.steps:
-                stats = loader.stats() if hasattr(loader, "stats") else {}
                 metrics.log(progress.step, {
                     "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "pack_fill": interval["fill"] / interval["steps"], "skipped_steps": progress.skipped_steps,
-                    "skipped_samples": int(stats.get("skipped_samples", 0)),
+                    "skipped_samples": self._skipped_samples(loader),
                     "consumed_samples": progress.consumed_samples,
                 }, interval["tokens"], interval["samples"], interval["flops"], interval["steps"])
                 interval = {"tokens": 0, "samples": 0, "flops": 0.0, "steps": 0, "fill": 0.0}
@@ -492,19 +490,23 @@ class Trainer:
             self.log(f"{self.last_good} is the last good checkpoint before step {step}: checkpoint rotation keeps it "
                      f"({self.checkpoints.root / ckpt.LAST_GOOD})")
 
+    def _skipped_samples(self, loader) -> int:
+        """Collective over DP: distinct samples skipped so far (too long or failed) on all DP ranks,
+        which read disjoint samples."""
+        count = torch.tensor([float(loader.stats()["skipped_samples"])], dtype=torch.float64, device=self.device)
+        dist.all_reduce(count, group=ps.get_data_parallel_group())
+        return int(count.item())
+
     def _restart_advice(self) -> str:
         if self.last_good is None:
             return ("No checkpoint of this run comes before the trouble (from step "
                     f"{self.trouble_since}): start it again with settings that do not diverge (a lower optim.lr).")
         match = ckpt.STEP_DIR.match(self.last_good.name)
         step = int(match.group(1)) if match else "?"
-        # A changed optim.lr on resume needs checkpoint.override_schedule=true (manager.py) when the
-        # optimizer state is loaded.
-        lr = ("a lower optim.lr, with checkpoint.override_schedule=true if the optimizer state is loaded"
-              if hasattr(self.cfg.checkpoint, "override_schedule") else "a lower optim.lr")
         return (f"The last good checkpoint is {self.last_good} (step {step}; the trouble began at step "
                 f"{self.trouble_since}); checkpoint rotation keeps it. Restart from it with settings that do not "
-                f"diverge ({lr}): checkpoint.resume={self.last_good}")
+                f"diverge: checkpoint.resume={self.last_good} and a lower optim.lr with "
+                f"checkpoint.override_schedule=true (a changed schedule is refused on resume without it)")
 
     def _write_exit_status(self, code: int, outcome: str, message: str) -> None:
         """Rank 0: run_dir/exit_status.json, how this run ended (written atomically)."""

@@ -31,7 +31,6 @@ them with the checkpoint's config.yaml, before anything is built):
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state as ps
 
+from data_prep.tokenizer import save_tokenizer
 from pretrain.checkpoint import checkpointer as ckpt
 from pretrain.checkpoint.weights import load_weights, save_weights
 from pretrain.config import Config, ConfigError, Layout
@@ -132,7 +132,7 @@ class CheckpointManager:
             trainer = {**asdict(progress), "stage": self.cfg.stage.name, "layout": self._layout()}
             (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
             (tmp / "config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=False))
-            shutil.copytree(tokenizer_path, tmp / "tokenizer")
+            save_tokenizer(tokenizer_path, tmp / "tokenizer")  # loadable by transformers 4.57 and 5.x
         protected = {ckpt.step_dir_name(self.cfg.train.steps)}
         final = ckpt.commit_save(self.root, tmp, progress.step, self.cfg.checkpoint.keep, protected)
         if self.rank == 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from pretrain.convert import hf_config, mapping
 from pretrain.model.config import NeoModelConfig
 
 from data_prep.schema import NEO_SPECIAL_TOKENS  # NEO's added tokens, in the reference's order
+from data_prep.tokenizer import save_tokenizer
 VOCAB_MULTIPLE = 128  # embedding rows are padded to this (divisible by any TP size we use)
 SHARD_BYTES = 5 * 1024**3
 
@@ -161,7 +161,7 @@ def save_model_checkpoint(model, neo: NeoModelConfig, out: str | Path, tokenizer
     if torch.distributed.get_rank() == 0:
         (out / "config.yaml").write_text(yaml.safe_dump({"model": asdict(neo)}, sort_keys=False))
         if tokenizer is not None:
-            tokenizer.save_pretrained(out / "tokenizer")
+            save_tokenizer(tokenizer, out / "tokenizer")
         write_manifest(out, step=0)  # every load checks it (checkpointer.resolve)
     torch.distributed.barrier()
 
@@ -182,7 +182,7 @@ def write_random_qwen3(neo: NeoModelConfig, out: str | Path, tokenizer_dir: str 
         num_key_value_heads=neo.num_kv_heads, head_dim=neo.head_dim, rope_theta=neo.rope_theta,
         tie_word_embeddings=neo.tie_word_embeddings, rms_norm_eps=neo.norm_eps)).save_pretrained(out)
     if tokenizer_dir is not None:
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+        save_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), out)
     return Path(out)
 
 
@@ -307,5 +307,4 @@ def to_hf(ckpt: str | Path, out: str | Path, qwen3: bool = False, dtype: str = "
     write_safetensors(hf, out)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if (ckpt / "tokenizer").is_dir():
-        for f in (ckpt / "tokenizer").iterdir():
-            shutil.copy2(f, out / f.name)
+        save_tokenizer(ckpt / "tokenizer", out)

@@ -57,6 +57,7 @@ from megatron.energon import WorkerConfig, get_savable_loader, get_train_dataset
 
 from data_prep.energon_prepare import ENERGON_MODULE, MetadataError, check_energon_metadata, load_yaml_data
 from pretrain.config import ConfigError
+from pretrain.data import workers
 from pretrain.data.state import from_plain, to_plain
 from pretrain.data.task_encoder import MicroBatch, NeoTaskEncoder, SampleErrorLog, single_thread
 from pretrain.data.template import load_tokenizer
@@ -336,6 +337,7 @@ class NeoDataLoader:
             repeat=config.repeat,
         )
         self._loader = get_savable_loader(dataset, prefetch_factor=config.prefetch_factor)
+        workers.protect(self._loader)  # its workers must not die of the SIGTERM meant for this rank
         self._iterator = None
         self.totals = LoaderStats()
         # Distinct skipped samples: identity -> (tokens, pixel budget per image that fits), and the
