@@ -1,7 +1,9 @@
 """data_prep: raw image-text data -> validated, deterministic WebDataset shards for NEO.
 
 Commands (``python -m data_prep --help``): ``build`` (neo-json | captions | text), ``synthetic``
-(the coloured-shapes demo set and its tokenizer), ``verify`` and ``tokenizer``.
+(the coloured-shapes demo set and its tokenizer), ``verify`` and ``tokenizer``. A large build
+can be spread over N jobs (``build ... --parts N --part I`` each, then ``merge OUTPUT``; see
+data_prep.parts and data_prep.merge): the result is the single build's data set.
 
 The contract with the trainer
 =============================

@@ -3,6 +3,7 @@
 Order is the input order whatever the worker count: work is submitted in chunks with a bounded
 window and results are consumed in submission order, so shard boundaries and bytes do not
 depend on scheduling. Memory stays bounded (no eager queueing of a 300M-record stream).
+A build may also be one part of several (data_prep.parts): a slice of the inputs, merged later.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -18,8 +18,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from data_prep.energon_prepare import energon_prepare
 from data_prep.images import ImageOptions
@@ -32,10 +30,13 @@ from data_prep.manifest import (
     write_json_atomic,
 )
 from data_prep.output_dir import prepare_output
+from data_prep.parts import PartSlice
 from data_prep.process import ProcessConfig, Written, init_worker, process_chunk, process_item
+from data_prep.progress import INTERVAL_S, Progress
 from data_prep.records import Item, Rejected
 from data_prep.rejects import RejectLog
 from data_prep.shards import ShardWriter
+from data_prep.sources import SourceError
 
 Entry = Item | Rejected
 VERSION = "0.1.0"
@@ -54,7 +55,8 @@ class BuildOptions:
     shard_max_bytes: int = 1 << 30
     workers: int = 1
     overwrite: bool = False
-    progress: bool | None = None  # None: a bar when stderr is a terminal
+    progress: bool | None = None  # None: a bar when stderr is a terminal, else a line every interval
+    progress_interval: float = INTERVAL_S
     energon: bool = True
     chunk_size: int = 8
 
@@ -72,6 +74,11 @@ class BuildOptions:
             "shard_max_samples": self.shard_max_samples,
             "shard_max_bytes": self.shard_max_bytes,
         }
+
+
+def build_record(source: dict[str, Any], options: BuildOptions) -> dict[str, Any]:
+    """The manifest's ``build`` section: what went in and every option that decides the output."""
+    return {**source, **options.recorded()}
 
 
 @dataclass
@@ -145,7 +152,8 @@ def processed(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _summary(output: Path, manifest: dict[str, Any], seconds: float) -> str:
+def counts_text(manifest: dict[str, Any]) -> str:
+    """``N inputs = W written + R rejected (reason n, ...)``: a manifest's account in one phrase."""
     counts = manifest["counts"]
     reasons = sorted(((n, code) for code, n in manifest["rejects"].items() if n), reverse=True)
     why = (
@@ -153,12 +161,16 @@ def _summary(output: Path, manifest: dict[str, Any], seconds: float) -> str:
         if reasons
         else ""
     )
+    return f"{counts['inputs']} inputs = {counts['written']} written + {counts['rejected']} rejected{why}"
+
+
+def _summary(output: Path, manifest: dict[str, Any], seconds: float, label: str = "data_prep") -> str:
+    counts = manifest["counts"]
     out_mb = manifest["total_bytes"] / 1e6
     in_mb = counts["input_image_bytes"] / 1e6
     rate = counts["inputs"] / seconds if seconds > 0 else 0.0
     return (
-        f"data_prep: {counts['inputs']} inputs = {counts['written']} written + "
-        f"{counts['rejected']} rejected{why}; "
+        f"{label}: {counts_text(manifest)}; "
         f"{len(manifest['shards'])} shard(s), {out_mb:.1f} MB in {seconds:.1f} s "
         f"({rate:.0f} samples/s, {in_mb / seconds if seconds > 0 else 0:.1f} MB/s read, "
         f"{out_mb / seconds if seconds > 0 else 0:.1f} MB/s written) -> {output}"
@@ -173,6 +185,7 @@ def run_build(
     total: int | None = None,
     describe: str = "build",
     prepared: bool = False,
+    part: PartSlice | None = None,
 ) -> BuildResult:
     """Run a whole build into ``output`` (which must be new, empty, or an old build with overwrite).
 
@@ -180,32 +193,31 @@ def run_build(
     generator's parameters). ``prepared``: the caller already ran prepare_output (and may have put
     owned files such as tokenizer/ there). Otherwise a user's tokenizer/ in ``output`` is kept (see
     data_prep.output_dir). Returns the manifest, the wall time, the summary and what was kept.
+
+    ``part``: build only that slice of ``entries`` (all of them, from the first: the keys before
+    the slice are still claimed), with a part manifest and no Energon metadata (data_prep.parts).
     """
     output = Path(output)
     start = time.perf_counter()
     kept = [] if prepared else prepare_output(output, options.overwrite)
     config = ProcessConfig(image=options.image, image_root=options.image_root, tokenizer=options.tokenizer)
-    recorded = {**source, **options.recorded()}
+    recorded = build_record(source, options)
     stats = BuildStats()
     writer = ShardWriter(output, options.shard_prefix, options.shard_max_samples, options.shard_max_bytes)
     rejects_partial = output / f".{REJECTS_NAME}.partial"
-    progress_disabled = None if options.progress is None else not options.progress
+    expected = 0
+    if part is not None:
+        total, expected = part.end - part.first, part.first
     try:
         with (
             open(rejects_partial, "w", encoding="ascii") as rejects_file,
-            tqdm(
-                total=total,
-                desc=describe,
-                unit="sample",
-                disable=progress_disabled,
-                file=sys.stderr,
-                mininterval=0.5,
-                dynamic_ncols=True,
-            ) as bar,
+            Progress(describe, total, options.progress, options.progress_interval) as progress,
         ):
             log = RejectLog(rejects_file)
-            expected = 0
-            for result in processed(dedupe_keys(entries), config, options.workers, options.chunk_size):
+            work = dedupe_keys(entries)
+            if part is not None:
+                work = part.select(work, progress.reading)
+            for result in processed(work, config, options.workers, options.chunk_size):
                 if result.index != expected:
                     raise AssertionError(
                         f"results out of order: got input #{result.index}, expected #{expected}"
@@ -216,6 +228,7 @@ def run_build(
                         result.index, result.id, result.source, result.code, result.message, result.record
                     )
                     stats.add_rejected()
+                    progress.update(rejected=True)
                 else:
                     writer.write(result.key, result.members)
                     stats.add_written(
@@ -226,7 +239,12 @@ def run_build(
                         result.input_bytes,
                         result.tag_inserted,
                     )
-                bar.update(1)
+                    progress.update(rejected=False)
+            if part is not None and expected != part.end:
+                raise SourceError(
+                    f"the annotations ended at input #{expected}, before this part's end #{part.end} "
+                    f"({part.total} inputs when counted): did they change during the build?"
+                )
             rejects_file.flush()
             os.fsync(rejects_file.fileno())
         shards = writer.close()
@@ -242,8 +260,13 @@ def run_build(
         shards=[s.to_json() for s in shards],
         image_extension=options.image.extension,
     )
-    if options.energon and shards:
+    if part is not None:
+        manifest["part"] = part.to_json(stats)
+    elif options.energon and shards:
         energon_prepare(output, len(shards))
     write_json_atomic(output / MANIFEST_NAME, manifest)  # last: its presence means "complete"
     seconds = time.perf_counter() - start
-    return BuildResult(manifest, seconds, _summary(output, manifest, seconds), kept)
+    label = "data_prep"
+    if part is not None:
+        label = f"data_prep {part.label} (inputs [{part.first}, {part.end}) of {part.total})"
+    return BuildResult(manifest, seconds, _summary(output, manifest, seconds, label), kept)

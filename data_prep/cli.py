@@ -1,4 +1,4 @@
-"""Command line: `python -m data_prep {build,synthetic,verify,tokenizer} ...` (see --help)."""
+"""Command line: `python -m data_prep {build,merge,synthetic,verify,tokenizer} ...` (see --help)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import dataclasses
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
-from data_prep.build import BuildOptions, run_build
+from data_prep.build import BuildOptions, build_record, run_build
 from data_prep.energon_prepare import EnergonPrepareError
 from data_prep.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -19,8 +20,10 @@ from data_prep.images import (
     ImageOptions,
 )
 from data_prep.manifest import file_digest
+from data_prep.merge import MergeError, merge
 from data_prep.output_dir import OutputDirError, prepare_output
-from data_prep.sources import SOURCE_FORMATS, SourceError, SourceOptions, entries_for
+from data_prep.parts import PartSlice, check_part_args, prepare_part
+from data_prep.sources import SOURCE_FORMATS, SourceError, SourceOptions, count_inputs, entries_for
 
 
 def _cpus() -> int:
@@ -31,7 +34,10 @@ def _cpus() -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -117,8 +123,15 @@ def _build_options(args: argparse.Namespace, image_root: str | None, tokenizer: 
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (what is wrong, where help is), exit 2: no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    ap = _Parser(prog="python -m data_prep", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="raw annotations + images -> validated WebDataset shards")
@@ -148,6 +161,31 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--caption-column", default="caption", help="captions: caption column (default caption)")
     b.add_argument("--id-column", default=None, help="captions: id column (default: positional ids)")
     _add_common(b, PRETRAIN_MIN_PIXELS, PRETRAIN_MAX_PIXELS)
+    pg = b.add_argument_group("parts (one build spread over N jobs; then `merge OUTPUT`)")
+    pg.add_argument(
+        "--parts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the inputs into N contiguous slices by input index (with --part)",
+    )
+    pg.add_argument(
+        "--part",
+        type=int,
+        default=None,
+        metavar="I",
+        help="build slice I (0 <= I < N) into OUTPUT/parts/part-IIIII; a complete part of the same "
+        "build is skipped, a half-written one rebuilt",
+    )
+
+    m = sub.add_parser("merge", help="make the parts of a build (build --parts N --part I) one data set")
+    m.add_argument("output", type=Path, metavar="OUTPUT", help="the --output the parts were built with")
+    m.add_argument("--overwrite", action="store_true", help="replace a data set already in OUTPUT")
+    m.add_argument(
+        "--no-energon",
+        action="store_true",
+        help="skip `energon prepare` (the directory will not load in Energon)",
+    )
 
     from data_prep.synthetic import SPLITS, SYNTHETIC_MAX_PIXELS, SYNTHETIC_MIN_PIXELS
 
@@ -192,6 +230,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    check_part_args(args.parts, args.part)
     annotations = [Path(p) for p in args.annotations]
     if args.tokenizer is not None and not (args.tokenizer / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{args.tokenizer / 'tokenizer.json'} not found")
@@ -211,9 +250,40 @@ def cmd_build(args: argparse.Namespace) -> int:
         "annotations": [file_digest(p) for p in annotations],
         "source_options": dataclasses.asdict(source_options),
     }
+    if args.parts is not None:
+        return _build_part(args, annotations, source_options, entries, options, source)
     result = run_build(entries, args.output, options, source, describe=f"build {args.format}")
     for name in result.kept:
         print(f"data_prep build: kept {args.output / name} (yours, not a build output)")
+    print(result.summary)
+    return 0
+
+
+def _build_part(args, annotations, source_options, entries, options, source) -> int:
+    """--parts N --part I: one slice of the build into OUTPUT/parts/part-IIIII (data_prep.parts)."""
+    plan = prepare_part(args.output, args.part, args.parts, build_record(source, options), args.overwrite)
+    if plan.note:
+        print(plan.note, flush=True)
+    if plan.skip:
+        return 0
+    t0 = time.perf_counter()
+    part = PartSlice(args.part, args.parts, count_inputs(args.format, annotations, source_options))
+    print(
+        f"data_prep build: {part.label}: inputs [{part.first}, {part.end}) of {part.total} "
+        f"(counted in {time.perf_counter() - t0:.1f} s) -> {plan.directory}",
+        flush=True,
+    )
+    result = run_build(
+        entries, plan.directory, options, source, describe=part.label, prepared=True, part=part
+    )
+    print(result.summary)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    result = merge(args.output, energon=not args.no_energon, overwrite=args.overwrite)
+    for name in result.kept:
+        print(f"data_prep merge: kept {args.output / name} (yours, not a build output)")
     print(result.summary)
     return 0
 
@@ -292,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     commands = {
         "build": cmd_build,
+        "merge": cmd_merge,
         "synthetic": cmd_synthetic,
         "verify": cmd_verify,
         "tokenizer": cmd_tokenizer,
@@ -304,13 +375,17 @@ def main(argv: list[str] | None = None) -> int:
         FileExistsError,
         FileNotFoundError,
         EnergonPrepareError,
+        MergeError,
         ValueError,
-    ) as exc:  # usage errors (2), except energon prepare's failure (1)
+    ) as exc:  # usage errors (2), except energon prepare's failure and parts that do not merge (1)
         _error(args.command, str(exc))
-        return 2 if not isinstance(exc, EnergonPrepareError) else 1
+        return 1 if isinstance(exc, (EnergonPrepareError, MergeError)) else 2
     except OSError as exc:  # the disk, not the user: a write that failed half way (full, read-only...)
-        building = args.command in ("build", "synthetic")
-        unfinished = "; the build did not finish (no manifest.json)" if building else ""
+        unfinished = {
+            "build": "; the build did not finish (no manifest.json)",
+            "synthetic": "; the build did not finish (no manifest.json)",
+            "merge": "; the merge did not finish (no manifest.json; run it again)",
+        }.get(args.command, "")
         _error(args.command, f"{exc}{unfinished}")
         return 1
 

@@ -4,7 +4,9 @@ The manifest is the build's receipt: what went in (files and their sha256, optio
 out (shards with sample counts, bytes and sha256), what was rejected and why, and token
 statistics that the trainer's packing and budgeting can use. It holds nothing that depends on
 the run (no timestamps, worker counts or output path), so the same build gives the same bytes.
-It is written last; a directory without it is an incomplete build.
+It is written last; a directory without it is an incomplete build. A part of a build
+(data_prep.parts) adds a ``part`` section: its slice and the raw statistics (histograms) from
+which data_prep.merge makes the whole build's statistics exactly.
 """
 
 from __future__ import annotations
@@ -42,6 +44,24 @@ class Distribution:
                 return value
         return max(self.hist)
 
+    def update(self, other: Distribution) -> None:
+        """Add another distribution's values (a histogram sums exactly, percentiles included)."""
+        self.hist.update(other.hist)
+
+    def to_raw(self) -> dict[str, int]:
+        """The histogram itself, {"value": count} in ascending value order: what a part manifest
+        keeps so that merged statistics equal a single build's (summaries cannot be merged)."""
+        return {str(value): self.hist[value] for value in sorted(self.hist)}
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, int]) -> Distribution:
+        dist = cls()
+        for value, n in raw.items():
+            if not (isinstance(value, str) and value.isdigit() and str(int(value)) == value and is_count(n)):
+                raise ValueError(f"histogram entry {value!r}: {n!r} is not a value and its count")
+            dist.hist[int(value)] += n
+        return dist
+
     def summary(self) -> dict[str, Any]:
         count = sum(self.hist.values())
         if count == 0:
@@ -59,8 +79,22 @@ class Distribution:
         }
 
 
+def is_count(value: Any) -> bool:
+    """A non-negative int (not a bool): what a count read from JSON must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class BuildStats:
     """Everything counted while writing, aggregated in input order."""
+
+    COUNTS = ("inputs", "written", "images", "tag_inserted", "input_bytes")
+    DISTRIBUTIONS = (
+        "image_tokens_per_image",
+        "image_tokens_per_sample",
+        "images_per_sample",
+        "text_tokens_per_sample",
+        "text_chars_per_sample",
+    )
 
     def __init__(self) -> None:
         self.inputs = 0
@@ -103,6 +137,42 @@ class BuildStats:
     def add_rejected(self) -> None:
         self.inputs += 1
 
+    def update(self, other: BuildStats) -> None:
+        """Add the counts of another slice of the inputs (parts of one build merge this way)."""
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.by_kind.update(other.by_kind)
+        for name in self.DISTRIBUTIONS:
+            getattr(self, name).update(getattr(other, name))
+        self.has_text_tokens = self.has_text_tokens or other.has_text_tokens
+
+    def to_raw(self) -> dict[str, Any]:
+        """Everything needed to rebuild these statistics exactly (JSON; see Distribution.to_raw)."""
+        return {
+            **{name: getattr(self, name) for name in self.COUNTS},
+            "by_kind": {kind: self.by_kind.get(kind, 0) for kind in KINDS},
+            "has_text_tokens": self.has_text_tokens,
+            "histograms": {name: getattr(self, name).to_raw() for name in self.DISTRIBUTIONS},
+        }
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> BuildStats:
+        """Inverse of to_raw; ValueError / KeyError / TypeError on anything else."""
+        stats = cls()
+        for name in cls.COUNTS:
+            if not is_count(raw[name]):
+                raise ValueError(f"{name} is not a count")
+            setattr(stats, name, raw[name])
+        if set(raw["by_kind"]) - set(KINDS) or not all(is_count(n) for n in raw["by_kind"].values()):
+            raise ValueError("by_kind is not a count per sample kind")
+        stats.by_kind = Counter({kind: n for kind, n in raw["by_kind"].items() if n})
+        if not isinstance(raw["has_text_tokens"], bool):
+            raise ValueError("has_text_tokens is not a boolean")
+        stats.has_text_tokens = raw["has_text_tokens"]
+        for name in cls.DISTRIBUTIONS:
+            setattr(stats, name, Distribution.from_raw(raw["histograms"][name]))
+        return stats
+
 
 def file_digest(path: Path) -> dict[str, Any]:
     """Name, size and sha256 of an input file: the manifest pins what the build read."""
@@ -135,7 +205,10 @@ def make_manifest(
     reject_counts: dict[str, int],
     shards: list[dict[str, Any]],
     image_extension: str,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The manifest of a build. ``env``: the environment that made the bytes (default: this
+    process's; a merge passes the one its parts were built in)."""
     rejected = sum(reject_counts.values())
     if stats.inputs != stats.written + rejected:
         raise AssertionError(f"inputs {stats.inputs} != written {stats.written} + rejected {rejected}")
@@ -145,7 +218,7 @@ def make_manifest(
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
         "build": build,
-        "environment": environment(),
+        "environment": environment() if env is None else env,
         "counts": {
             "inputs": stats.inputs,
             "written": stats.written,
@@ -182,6 +255,12 @@ def strict_json(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [strict_json(v) for v in obj]
     return obj
+
+
+def as_written(obj: Any) -> Any:
+    """``obj`` as write_json_atomic writes it and json.load reads it back (tuples become lists,
+    NaN a string): what to compare a freshly made manifest section with one read from disk."""
+    return json.loads(json.dumps(strict_json(obj), allow_nan=False))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

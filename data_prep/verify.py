@@ -28,7 +28,14 @@ from data_prep.energon_prepare import (
     check_tar_index,
     load_json_data,
 )
-from data_prep.manifest import FORMAT_NAME, MANIFEST_NAME, REJECTS_NAME, ManifestError, load_manifest
+from data_prep.manifest import (
+    FORMAT_NAME,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    ManifestError,
+    is_count,
+    load_manifest,
+)
 from data_prep.schema import SCHEMA_VERSION, image_member, make_key, validate_sample
 
 _MEMBER = re.compile(r"^([^./]+)\.([^/]+)$")
@@ -142,11 +149,7 @@ def _read_shard(path: Path, ext: str, errors: list[str], seen_keys: dict[str, st
     return samples
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _manifest_problem(manifest: dict) -> str | None:
+def manifest_problem(manifest: dict) -> str | None:
     """What makes a manifest unusable for verification (a missing or mistyped field), or None.
 
     Only the fields verify reads are checked; their values are then compared with the files."""
@@ -154,20 +157,20 @@ def _manifest_problem(manifest: dict) -> str | None:
     if not isinstance(counts, dict):
         return "'counts' is missing or not an object"
     for name in ("inputs", "written", "rejected", "images"):
-        if not _is_count(counts.get(name)):
+        if not is_count(counts.get(name)):
             return f"'counts.{name}' is missing or not a non-negative integer"
     by_kind = counts.get("by_kind")
-    if not isinstance(by_kind, dict) or not all(_is_count(n) for n in by_kind.values()):
+    if not isinstance(by_kind, dict) or not all(is_count(n) for n in by_kind.values()):
         return "'counts.by_kind' is missing or not an object of counts"
     rejects = manifest.get("rejects")
-    if not isinstance(rejects, dict) or not all(_is_count(n) for n in rejects.values()):
+    if not isinstance(rejects, dict) or not all(is_count(n) for n in rejects.values()):
         return "'rejects' is missing or not an object of counts"
     ext = manifest.get("image_extension")
     if not isinstance(ext, str) or not ext or "/" in ext:
         return "'image_extension' is missing or not a file suffix"
     stats = manifest.get("stats")
     per_sample = stats.get("image_tokens_per_sample") if isinstance(stats, dict) else None
-    if not isinstance(per_sample, dict) or not _is_count(per_sample.get("total")):
+    if not isinstance(per_sample, dict) or not is_count(per_sample.get("total")):
         return "'stats.image_tokens_per_sample.total' is missing or not a count"
     shards = manifest.get("shards")
     if not isinstance(shards, list):
@@ -180,7 +183,7 @@ def _manifest_problem(manifest: dict) -> str | None:
         if not isinstance(name, str) or not name.endswith(".tar") or "/" in name or "\\" in name \
                 or name.startswith("."):
             return f"shards[{i}].name {name!r} is not a shard file name (NAME.tar in the directory)"
-        if not _is_count(entry.get("bytes")) or not _is_count(entry.get("samples")):
+        if not is_count(entry.get("bytes")) or not is_count(entry.get("samples")):
             return f"shards[{i}] ({name}) has no 'bytes' / 'samples' count"
         if not isinstance(entry.get("sha256"), str):
             return f"shards[{i}] ({name}) has no 'sha256' string"
@@ -202,7 +205,7 @@ def verify(directory: Path, check_energon: bool = True) -> VerifyReport:
             f"{FORMAT_NAME!r} v{SCHEMA_VERSION}"
         )
         return report
-    problem = _manifest_problem(manifest)
+    problem = manifest_problem(manifest)
     if problem is not None:
         errors.append(f"{directory / MANIFEST_NAME} is damaged: {problem}; rebuild the directory")
         return report

@@ -1,19 +1,26 @@
-"""The sbatch script of one training job: a ``JobSpec`` in, the text of the script out.
+"""The sbatch scripts: a spec in, the text of the script out (a training job from a ``JobSpec``;
+the data-prep array and merge jobs from a ``PrepSpec``), and the checks on the values that go
+into ``#SBATCH`` lines, shared by every submitter.
 
-Pure (no SLURM, no file system): ``python -m slurm.submit --dry-run`` prints exactly what this
-returns, and the tests read it. The template is ``slurm/job.sbatch.in``; ``{{name}}`` fields are
-filled here, everything else in it is bash.
+Pure (no SLURM, no file system): ``--dry-run`` prints exactly what this returns, and the tests read
+it. The templates are ``slurm/*.sbatch.in``; ``{{name}}`` fields are filled here, everything else
+in them is bash. User text reaches the scripts only shell-quoted (``shlex.quote``) or, on
+``#SBATCH`` lines, in sbatch's own quoting (``directive_value``).
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]  # put on the jobs' PYTHONPATH: they import this checkout
 TEMPLATE = Path(__file__).with_name("job.sbatch.in")
 GPU_CHECK_TEMPLATE = Path(__file__).with_name("gpu_check.sbatch.in")
+PREP_ARRAY_TEMPLATE = Path(__file__).with_name("prep_array.sbatch.in")
+PREP_MERGE_TEMPLATE = Path(__file__).with_name("prep_merge.sbatch.in")
 
 # pretrain.trainer.REQUEUE_EXIT_CODE and EXIT_STATUS_FILE (tests keep them equal; importing the
 # trainer here would pull in megatron-core just to read constants).
@@ -52,26 +59,176 @@ class JobSpec:
         return self.run_dir / "slurm-%j.out"
 
 
+
+@dataclass(frozen=True)
+class PrepSpec:
+    """A partitioned ``python -m data_prep build``: an array job of ``parts`` tasks, task I building
+    part I, and a merge job after it."""
+
+    output: Path  # absolute --output of the build: the merged data set
+    build_args: tuple[str, ...]  # the user's data_prep build flags, verbatim (--output among them)
+    parts: int
+    script_dir: Path  # absolute; the two scripts, their logs and the job records live here
+    time: str
+    concurrency: int = 0  # at most this many tasks at once (%K); 0: no limit
+    partition: str = ""
+    account: str = ""
+    cpus_per_task: int = 8  # per array task, and the build's --workers
+    mem: str = ""
+    job_name: str = "neo-prep"  # the array's; the merge's gets -merge appended
+    extra_sbatch: tuple[str, ...] = ()
+    python: str = "python"
+    repo: Path = REPO
+    workdir: Path = Path(".")  # where relative paths in build_args point from
+
+    @staticmethod
+    def default_script_dir(output: Path) -> Path:
+        """``OUT.slurm/`` next to the data set: data_prep refuses (and merge would not keep) files
+        it did not write inside ``OUT``."""
+        return output.parent / (output.name + ".slurm")
+
+    @property
+    def array_script(self) -> Path:
+        return self.script_dir / "prep_array.sbatch"
+
+    @property
+    def merge_script(self) -> Path:
+        return self.script_dir / "prep_merge.sbatch"
+
+    @property
+    def array_range(self) -> str:
+        """The script's own --array: every part (sbatch --array=... on the command line overrides it)."""
+        return f"0-{self.parts - 1}" + (f"%{self.concurrency}" if self.concurrency else "")
+
+    def task_log(self, job_id: str, task: int | str) -> Path:
+        return self.script_dir / f"prep-{job_id}_{task}.out"
+
+    def merge_log(self, job_id: str) -> Path:
+        return self.script_dir / f"merge-{job_id}.out"
+
+
+def render_prep_array(spec: PrepSpec) -> str:
+    """The array job: task I runs the build of part I. Its log: SCRIPT_DIR/prep-<array job>_<task>.out."""
+    lines, option = [], []
+    for arg in spec.build_args:  # one line per option and its values
+        if arg.startswith("-") and option:
+            lines.append(option)
+            option = []
+        option.append(shlex.quote(arg))
+    lines += [option] if option else []
+    return _fill(PREP_ARRAY_TEMPLATE, {
+        "parts": str(spec.parts),
+        "last": str(spec.parts - 1),
+        "script": shlex.quote(str(spec.array_script)),
+        "directives": "\n".join(directives(
+            spec.job_name, allocation=[f"--array={spec.array_range}"], cpus_per_task=spec.cpus_per_task,
+            mem=spec.mem, time=spec.time, partition=spec.partition, account=spec.account,
+            output=log_pattern(spec.script_dir, "prep-%A_%a.out"), behaviour=["--open-mode=append"],
+            extra=spec.extra_sbatch)),
+        "workdir": shlex.quote(str(spec.workdir)),
+        "repo": shlex.quote(str(spec.repo)),
+        "python": shlex.quote(spec.python),
+        "build_args": " \\\n".join("    " + " ".join(line) for line in lines),
+        "workers": str(spec.cpus_per_task),
+    })
+
+
+def render_prep_merge(spec: PrepSpec) -> str:
+    """The merge job (one CPU). Its log: SCRIPT_DIR/merge-<job>.out."""
+    return _fill(PREP_MERGE_TEMPLATE, {
+        "parts": str(spec.parts),
+        "script": shlex.quote(str(spec.merge_script)),
+        "directives": "\n".join(directives(
+            f"{spec.job_name}-merge", cpus_per_task=1, mem=spec.mem, time=spec.time, partition=spec.partition,
+            account=spec.account, output=log_pattern(spec.script_dir, "merge-%j.out"),
+            behaviour=["--open-mode=append"], extra=spec.extra_sbatch)),
+        "workdir": shlex.quote(str(spec.workdir)),
+        "repo": shlex.quote(str(spec.repo)),
+        "python": shlex.quote(spec.python),
+        "output": shlex.quote(str(spec.output)),
+    })
+
+
 def _directives(spec: JobSpec, requeue: bool = True) -> list[str]:
-    lines = [
-        f"--job-name={spec.job_name or 'neo-' + spec.stage}",
-        f"--nodes={spec.nodes}",
-        "--ntasks-per-node=1",
-    ]
+    allocation = [f"--nodes={spec.nodes}", "--ntasks-per-node=1"]
     if spec.gpu:
-        lines.append(f"--gpus-per-node={spec.procs_per_node}")
-    if spec.cpus_per_task > 0:
-        lines.append(f"--cpus-per-task={spec.cpus_per_task}")
-    lines.append(f"--time={spec.time}")
-    if spec.partition:
-        lines.append(f"--partition={spec.partition}")
-    if spec.account:
-        lines.append(f"--account={spec.account}")
-    lines += [f"--output={spec.log_pattern}", "--open-mode=append"]
+        allocation.append(f"--gpus-per-node={spec.procs_per_node}")
+    behaviour = ["--open-mode=append"]
     if requeue:
-        lines += ["--requeue", f"--signal=B:USR1@{spec.signal_lead_s}"]
-    lines += list(spec.extra_sbatch)
+        behaviour += ["--requeue", f"--signal=B:USR1@{spec.signal_lead_s}"]
+    return directives(spec.job_name or "neo-" + spec.stage, allocation=allocation,
+                      cpus_per_task=spec.cpus_per_task, time=spec.time, partition=spec.partition,
+                      account=spec.account, output=str(spec.log_pattern), behaviour=behaviour,
+                      extra=spec.extra_sbatch)
+
+
+def directives(job_name: str, *, time: str, output: str, allocation: Iterable[str] = (),
+               cpus_per_task: int = 0, mem: str = "", partition: str = "", account: str = "",
+               behaviour: Iterable[str] = (), extra: Iterable[str] = ()) -> list[str]:
+    """The ``#SBATCH`` lines of any job, in one order: name, allocation, CPUs, memory, time limit,
+    partition, account, log, behaviour (append, requeue, signals), then the site's extra lines."""
+    lines = [f"--job-name={job_name}", *allocation]
+    if cpus_per_task > 0:
+        lines.append(f"--cpus-per-task={cpus_per_task}")
+    if mem:
+        lines.append(f"--mem={mem}")
+    lines.append(f"--time={time}")
+    if partition:
+        lines.append(f"--partition={partition}")
+    if account:
+        lines.append(f"--account={account}")
+    lines += [f"--output={directive_value(output)}", *behaviour, *extra]
     return [f"#SBATCH {line}" for line in lines]
+
+
+# A #SBATCH value sbatch reads as is; anything else goes in double quotes (sbatch's own quoting).
+_PLAIN_DIRECTIVE = re.compile(r"[\w@%+=:,./~-]+")
+SLURM_NAME = re.compile(r"[\w.,-]+")  # partition, account names
+JOB_NAME = re.compile(r"[\w.,+-]+")
+MEMORY = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
+
+
+def directive_value(text: str) -> str:
+    """``text`` as one ``#SBATCH`` value: sbatch splits at whitespace and stops at ``#`` unless
+    the value is in double quotes, where a backslash escapes ``"`` and ``\\``. ValueError for what
+    no #SBATCH line can carry (line breaks, NUL)."""
+    if _PLAIN_DIRECTIVE.fullmatch(text):
+        return text
+    if any(c in text for c in "\n\r\0"):
+        raise ValueError(f"{text!r} contains a line break, which an #SBATCH line cannot carry")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def log_pattern(directory: Path, name: str) -> str:
+    """A log file path for ``--output``: ``name`` may use SLURM's %j, %A, %a; a ``%`` in the
+    directory is doubled so that it stays a ``%``. ValueError for a backslash (it would turn the
+    replacement symbols off) or a line break."""
+    text = str(directory)
+    if "\\" in text or "\n" in text or "\r" in text:
+        raise ValueError(f"{text!r} contains a backslash or line break, which SLURM log paths cannot carry")
+    return text.replace("%", "%%") + "/" + name
+
+
+def check_sbatch_arg(arg: str) -> None:
+    """An extra #SBATCH line given by the user: an option, on one line."""
+    if not arg.startswith("-") or any(c in arg for c in "\n\r\0"):
+        raise ValueError(f"--sbatch-arg={arg!r} must be one sbatch option (starting with -) on one line")
+
+
+def time_limit_seconds(text: str) -> int:
+    """SLURM's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S. ValueError if none fits."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a SLURM time limit (HH:MM:SS, D-HH:MM:SS or minutes)")
+    days, a, b, c = match.groups()
+    a, b, c = int(a), int(b or 0), int(c or 0)
+    if days is not None:  # D-H[:M[:S]]
+        return int(days) * 86400 + a * 3600 + b * 60 + c
+    if match.group(4) is not None:  # H:M:S
+        return a * 3600 + b * 60 + c
+    if match.group(3) is not None:  # M:S
+        return a * 60 + b
+    return a * 60  # M
 
 
 def _env(spec: JobSpec) -> list[str]:

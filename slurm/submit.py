@@ -44,11 +44,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from slurm.jobs import SlurmError, append_record, now, run_command
-from slurm.render import JobSpec, render, render_gpu_check
+from slurm.jobs import SlurmError, append_record, cancel, now, sbatch
+from slurm.render import (
+    REPO,
+    SLURM_NAME,
+    JobSpec,
+    check_sbatch_arg,
+    render,
+    render_gpu_check,
+    time_limit_seconds,
+)
 
 STAGES = ("stage1_prebuffer", "stage2_midtrain", "stage3_sft")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _config_error():
@@ -69,23 +76,6 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def time_limit_seconds(text: str) -> int:
-    """SLURM's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S. ConfigError if none fits."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if not match:
-        raise _config_error()(
-            f"cluster.time={text!r} is not a SLURM time limit (HH:MM:SS, D-HH:MM:SS or minutes)")
-    days, a, b, c = match.groups()
-    a, b, c = int(a), int(b or 0), int(c or 0)
-    if days is not None:  # D-H[:M[:S]]
-        return int(days) * 86400 + a * 3600 + b * 60 + c
-    if match.group(4) is not None:  # H:M:S
-        return a * 3600 + b * 60 + c
-    if match.group(3) is not None:  # M:S
-        return a * 60 + b
-    return a * 60  # M
-
-
 def check_cluster(cluster) -> None:
     ConfigError = _config_error()
     if cluster.nodes < 1:
@@ -97,7 +87,10 @@ def check_cluster(cluster) -> None:
         raise ConfigError(f"cluster.cpus_per_task={cluster.cpus_per_task} must be >= 0 (0: SLURM's default)")
     if cluster.max_restarts < 0:
         raise ConfigError(f"cluster.max_restarts={cluster.max_restarts} must be >= 0")
-    limit = time_limit_seconds(cluster.time)
+    try:
+        limit = time_limit_seconds(cluster.time)
+    except ValueError as err:
+        raise ConfigError(f"cluster.time={err}") from None
     if limit <= 0:
         raise ConfigError(f"cluster.time={cluster.time!r} must be a positive time limit")
     if not 0 < cluster.signal_lead_s < limit:
@@ -106,7 +99,7 @@ def check_cluster(cluster) -> None:
                           "the warning signal comes that long before the limit")
     for key in ("partition", "account"):
         value = getattr(cluster, key)
-        if value and not re.fullmatch(r"[\w.,-]+", value):
+        if value and not SLURM_NAME.fullmatch(value):
             raise ConfigError(f"cluster.{key}={value!r} is not a SLURM {key} name")
 
 
@@ -200,6 +193,11 @@ def split_stage_overrides(overrides: list[str]) -> tuple[list[str], dict[str, li
 
 def plan(args: argparse.Namespace) -> list[PlannedJob]:
     ConfigError = _config_error()
+    for arg in args.sbatch_arg:
+        try:
+            check_sbatch_arg(arg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if args.gpu_check:
         return [plan_gpu_check(args.overrides, args)]
     common, per_stage = split_stage_overrides(args.overrides)
@@ -233,24 +231,6 @@ def plan(args: argparse.Namespace) -> list[PlannedJob]:
                               "(each stage uses <run_dir>/<stage>/checkpoints)")
         jobs.append(job)
     return jobs
-
-
-def sbatch(script: Path, dependency: str) -> str:
-    cmd = ["sbatch", "--parsable"]
-    if dependency:
-        cmd += [f"--dependency={dependency}", "--kill-on-invalid-dep=yes"]
-    done = run_command(cmd + [str(script)])
-    if done.returncode != 0:
-        raise SlurmError(f"sbatch {script} failed: {(done.stderr or done.stdout).strip()}")
-    job_id = done.stdout.strip().split(";")[0]
-    if not job_id.isdigit():
-        raise SlurmError(f"sbatch {script} printed no job id: {done.stdout.strip()!r}")
-    return job_id
-
-
-def cancel(job_ids: list[str]) -> None:
-    if job_ids:
-        run_command(["scancel", *job_ids])
 
 
 def submit(jobs: list[PlannedJob], pipeline_root: Path | None) -> list[str]:
