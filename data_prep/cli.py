@@ -22,7 +22,7 @@ from data_prep.images import (
 from data_prep.manifest import file_digest
 from data_prep.merge import MergeError, merge
 from data_prep.output_dir import OutputDirError, prepare_output
-from data_prep.parts import PartSlice, check_part_args, prepare_part
+from data_prep.parts import PartBusyError, PartSlice, check_part_args, part_lock, prepare_part
 from data_prep.sources import SOURCE_FORMATS, SourceError, SourceOptions, count_inputs, entries_for
 
 
@@ -261,6 +261,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _build_part(args, annotations, source_options, entries, options, source) -> int:
     """--parts N --part I: one slice of the build into OUTPUT/parts/part-IIIII (data_prep.parts)."""
+    with part_lock(args.output, args.part, args.parts, args.overwrite):
+        return _build_locked_part(args, annotations, source_options, entries, options, source)
+
+
+def _build_locked_part(args, annotations, source_options, entries, options, source) -> int:
     plan = prepare_part(args.output, args.part, args.parts, build_record(source, options), args.overwrite)
     if plan.note:
         print(plan.note, flush=True)
@@ -376,10 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         EnergonPrepareError,
         MergeError,
+        PartBusyError,
         ValueError,
-    ) as exc:  # usage errors (2), except energon prepare's failure and parts that do not merge (1)
+    ) as exc:  # usage errors (2), except energon prepare's failure, parts that do not merge, a busy part (1)
         _error(args.command, str(exc))
-        return 1 if isinstance(exc, (EnergonPrepareError, MergeError)) else 2
+        return 1 if isinstance(exc, (EnergonPrepareError, MergeError, PartBusyError)) else 2
     except OSError as exc:  # the disk, not the user: a write that failed half way (full, read-only...)
         unfinished = {
             "build": "; the build did not finish (no manifest.json)",

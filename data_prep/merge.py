@@ -49,6 +49,7 @@ from data_prep.shards import SHARD_PATTERN
 STAGING = ".merge.partial"
 TRASH = ".parts.partial"  # parts/ once merged, while it is being removed
 _PART_DIR = re.compile(r"^part-([0-9]{5})$")
+_PART_LOCK = re.compile(r"^\.part-[0-9]{5}\.lock$")
 # os.link failures that mean "no hard links here" (network and FUSE file systems, link limits,
 # fs.protected_hardlinks): copy instead.
 _NO_LINKS = {
@@ -75,6 +76,8 @@ def check_parts(output: Path) -> list[tuple[Path, dict[str, Any]]]:
         raise MergeError(f"{root} not found: nothing to merge (build the parts with --parts N --part I)")
     found: dict[int, Path] = {}
     for path in sorted(root.iterdir()):
+        if _PART_LOCK.match(path.name) and path.is_file():
+            continue  # a part build's lock file (data_prep.parts.part_lock)
         m = _PART_DIR.match(path.name)
         if m is None or not path.is_dir():
             raise MergeError(f"{path}: not a part directory (part-IIIII); remove it")

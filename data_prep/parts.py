@@ -17,6 +17,9 @@ manifest.json, so that it stops looking complete).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +52,47 @@ def part_name(index: int) -> str:
 
 def part_dir(output: Path, index: int) -> Path:
     return Path(output) / PARTS_DIR / part_name(index)
+
+
+class PartBusyError(Exception):
+    """Another process is building this part right now (a failure to retry, not a usage error)."""
+
+
+def _make_dirs(directory: Path) -> Path:
+    """``directory`` and its parents, race-free (parts start together); one line if it cannot be."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(
+            f"cannot create {directory} ({exc.strerror or exc}); choose a directory you can write to"
+        ) from None
+    return directory
+
+
+def lock_name(index: int) -> str:
+    return f".{part_name(index)}.lock"
+
+
+@contextlib.contextmanager
+def part_lock(output: Path, index: int, parts: int, overwrite: bool = False) -> Iterator[None]:
+    """Hold ``OUTPUT/parts/.part-IIIII.lock`` while part ``index`` is built: a second build of the
+    same part at the same time (the same task submitted twice, a by-hand run next to a job) is
+    refused instead of both writing one directory. Where the file system has no locks (some NFS
+    mounts) the build goes on unlocked."""
+    unmerge(output, overwrite)  # before parts/ appears in a merged data set
+    root = _make_dirs(Path(output) / PARTS_DIR)
+    with open(root / lock_name(index), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PartBusyError(
+                f"part {index}/{parts} is being built right now by another process ({root / lock_name(index)} "
+                "is locked); wait for it to finish, or stop it"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        yield  # the lock goes with the file's closing
 
 
 def check_part_args(parts: int | None, part: int | None) -> None:
@@ -211,6 +255,19 @@ def inspect_part(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
     return manifest, None
 
 
+def unmerge(output: Path, overwrite: bool) -> None:
+    """Refuse to build parts into an OUTPUT holding a merged data set, or with ``overwrite``
+    remove its manifest.json, so that it no longer looks complete while its parts are rebuilt."""
+    merged = Path(output) / MANIFEST_NAME
+    if merged.is_file():
+        if not overwrite:
+            raise OutputDirError(
+                f"{output} already holds a merged data set ({MANIFEST_NAME}); "
+                "pass --overwrite to build it again in parts"
+            )
+        merged.unlink(missing_ok=True)  # other parts may race to do the same
+
+
 @dataclass
 class PartPlan:
     directory: Path
@@ -233,20 +290,8 @@ def prepare_part(
     output = Path(output)
     directory = part_dir(output, index)
     label = f"part {index}/{parts}"
-    merged = output / MANIFEST_NAME
-    if merged.is_file():
-        if not overwrite:
-            raise OutputDirError(
-                f"{output} already holds a merged data set ({MANIFEST_NAME}); "
-                "pass --overwrite to build it again in parts"
-            )
-        merged.unlink(missing_ok=True)  # other parts may race to do the same
-    try:
-        os.makedirs(directory, exist_ok=True)  # race-free: parts start together
-    except OSError as exc:
-        raise OutputDirError(
-            f"cannot create {directory} ({exc.strerror or exc}); choose a directory you can write to"
-        ) from None
+    unmerge(output, overwrite)
+    _make_dirs(directory)
     manifest, problem = inspect_part(directory)
     note = None
     if manifest is not None:

@@ -56,7 +56,13 @@ class TrainConfig:
     global_batch_size: int = 8
     seed: int = 1234
     dtype: str = "auto"  # auto: bf16 on GPUs, fp32 on CPU
-    max_skipped_steps: int = 5  # non-finite steps in a row before the run stops
+    max_skipped_steps: int = 5  # skipped steps in a row before the run stops
+    # Nothing bad is saved (pretrain/trainer.py, LossWatch): a loss above loss_ceiling_factor x
+    # ln(vocab size) skips its step; one above spike_factor x the median of the last spike_window
+    # good losses is a spike. Neither is checkpointed.
+    loss_ceiling_factor: float = 3.0
+    spike_factor: float = 3.0
+    spike_window: int = 20
     # Activations backward recomputes instead of keeping: none | selective (core attention) | full
     # (each decoder layer keeps only its input). pretrain/model/neo.py, layer_spec.
     recompute: str = "none"
@@ -288,6 +294,11 @@ def _validate_numbers(cfg: Config) -> None:
          "must be a finite number >= 0 (0: no clipping)")
     need(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2 (a packed row of tokens)")
     need(t.max_skipped_steps >= 1, "train.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
+    need(finite(t.loss_ceiling_factor) and t.loss_ceiling_factor > 1, "train.loss_ceiling_factor",
+         t.loss_ceiling_factor, "must be a finite number > 1 (times the loss of uniform guessing)")
+    need(finite(t.spike_factor) and t.spike_factor > 1, "train.spike_factor", t.spike_factor,
+         "must be a finite number > 1 (times the median of recent losses)")
+    need(t.spike_window >= 1, "train.spike_window", t.spike_window, "must be >= 1 (good losses in the median)")
     need(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0 (0: load in the trainer process)")
     need(d.packing_buffer >= 1, "data.packing_buffer", d.packing_buffer, "must be >= 1")

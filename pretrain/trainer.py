@@ -9,11 +9,12 @@ data-loader workers ignore those signals (``pretrain.data.workers``): torchrun f
 each rank's whole process group, workers included, and a worker killed by it used to kill the run.
 
 Nothing bad is saved (``LossWatch`` and ``Trainer._checkpoint``):
-  - a step whose loss or gradients are not finite, or whose loss is above ``CEILING_FACTOR`` x
+  - a step whose loss or gradients are not finite, or whose loss is above ``train.loss_ceiling_factor`` x
     ln(vocab size) (three times worse than guessing: blown-up weights), is skipped;
     ``train.max_skipped_steps`` of them in a row stop the run;
-  - a loss is a *spike* when ``SPIKE_WINDOW`` good losses have been seen and it is above
-    ``SPIKE_FACTOR`` x the median of the last ``SPIKE_WINDOW``;
+  - a loss is a *spike* when ``train.spike_window`` good losses have been seen and it is above
+    ``train.spike_factor`` x the median of the last ``train.spike_window`` (defaults 3 x ln(V),
+    20 and 3);
   - before the checkpoint of step N is written, the loss of step N's weights on the next step's
     micro-batches is computed (forward only; those batches then train step N+1, so no data is
     skipped and a resumed run is bit-identical): the checkpoint is written only if that loss is
@@ -55,7 +56,7 @@ from megatron.core import parallel_state as ps
 from pretrain.checkpoint import checkpointer as ckpt
 from pretrain.checkpoint.manager import CheckpointManager, Progress
 from pretrain.checkpoint.weights import load_weights
-from pretrain.config import Config, ConfigError, Layout
+from pretrain.config import Config, ConfigError, Layout, TrainConfig
 from pretrain.distributed import runtime
 from pretrain.flops import step_flops
 from pretrain.metrics import Metrics
@@ -69,13 +70,6 @@ REQUEUE_EXIT_CODE = 85  # "checkpoint written after a signal: requeue me" (slurm
 # rank 0's record of how the run ended, in run_dir (slurm/job.sbatch.in reads it; slurm/render.py
 # holds the same name)
 EXIT_STATUS_FILE = "exit_status.json"
-
-# The loss-spike rule (LossWatch). Constants for now; proposed as train.spike_window,
-# train.spike_factor and train.loss_ceiling_factor in pretrain/config.py.
-SPIKE_WINDOW = 20  # good losses seen before the median rule can fire; the median is over the last 20
-SPIKE_FACTOR = 3.0  # a loss above 3 x that median is a spike
-CEILING_FACTOR = 3.0  # a loss above 3 x ln(vocab size) (uniform guessing's loss) is never good: step skipped
-
 
 NON_FINITE = "non-finite loss or gradients"
 
@@ -106,8 +100,8 @@ class LossWatch:
     rule needs ``window`` steps again, the ceiling holds at once.
     """
 
-    def __init__(self, vocab_size: int, window: int = SPIKE_WINDOW, factor: float = SPIKE_FACTOR,
-                 ceiling_factor: float = CEILING_FACTOR):
+    def __init__(self, vocab_size: int, window: int = TrainConfig.spike_window,
+                 factor: float = TrainConfig.spike_factor, ceiling_factor: float = TrainConfig.loss_ceiling_factor):
         self.window, self.factor, self.ceiling_factor = window, factor, ceiling_factor
         self.ceiling = ceiling_factor * math.log(max(vocab_size, 2))
         self.recent: deque[float] = deque(maxlen=window)
@@ -157,7 +151,8 @@ class Trainer:
         self.stop_signal: int | None = None
         self.skipped_in_a_row = 0
         self.all_non_finite = True  # every step of the current skipped streak was non-finite
-        self.losses = LossWatch(cfg.model.vocab_size)
+        self.losses = LossWatch(cfg.model.vocab_size, cfg.train.spike_window, cfg.train.spike_factor,
+                                cfg.train.loss_ceiling_factor)
         self.last_good: Path | None = None  # the newest checkpoint known good (resumed from or written)
         self.trouble_since: int | None = None  # first skipped step or spike since last_good was written
         self.save_owed = False  # a due checkpoint was not written: the next step that passes writes it

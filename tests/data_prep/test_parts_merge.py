@@ -12,6 +12,7 @@ annotation files, through the real command line.
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import re
@@ -516,6 +517,22 @@ def test_part_usage_errors(inputs, tmp_path, capsys, extra, message):
     code, _, err = cli(capsys, *build_args(inputs, tmp_path / "out", *QUIET, *extra))
     assert code == 2 and message in one_error_line(err, "build")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_part_being_built_is_not_built_twice_at_once(inputs, tmp_path, capsys):
+    """Two builds of one part at the same time would write one directory: the second is refused
+    while the first holds the part's lock, and runs once it is released."""
+    out = tmp_path / "out"
+    args = build_args(inputs, out, *QUIET, "--no-energon", "--parts", "3", "--part", "1")
+    (out / "parts").mkdir(parents=True)
+    with open(out / "parts" / ".part-00001.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running build of part 1 holds it
+        code, _, err = cli(capsys, *args)
+        assert code == 1
+        assert "part 1/3 is being built right now by another process" in one_error_line(err, "build")
+        assert not (out / "parts" / "part-00001").exists()
+    assert cli(capsys, *args)[0] == 0
+    assert (out / "parts" / "part-00001" / "manifest.json").is_file()
 
 
 # -- progress in a log ------------------------------------------------------------------------------
