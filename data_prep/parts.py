@@ -258,14 +258,27 @@ def inspect_part(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
 def unmerge(output: Path, overwrite: bool) -> None:
     """Refuse to build parts into an OUTPUT holding a merged data set, or with ``overwrite``
     remove its manifest.json, so that it no longer looks complete while its parts are rebuilt."""
-    merged = Path(output) / MANIFEST_NAME
-    if merged.is_file():
+    if is_merged(output):
         if not overwrite:
             raise OutputDirError(
                 f"{output} already holds a merged data set ({MANIFEST_NAME}); "
                 "pass --overwrite to build it again in parts"
             )
-        merged.unlink(missing_ok=True)  # other parts may race to do the same
+        (Path(output) / MANIFEST_NAME).unlink(missing_ok=True)  # other parts may race to do the same
+
+
+def is_merged(output: Path) -> bool:
+    """OUTPUT holds the merged data set (its manifest.json, which the merge writes last)."""
+    return (Path(output) / MANIFEST_NAME).is_file()
+
+
+def complete_parts(output: Path, parts: int) -> list[int]:
+    """The parts of OUTPUT that ``inspect_part`` finds complete; all of them once OUTPUT is merged
+    (the merge then removes parts/). ``slurm.submit_prep --missing`` resubmits the others and
+    ``slurm.status`` counts these: one definition of a finished part, the merge's."""
+    if is_merged(output):
+        return list(range(parts))
+    return [i for i in range(parts) if inspect_part(part_dir(output, i))[0] is not None]
 
 
 @dataclass

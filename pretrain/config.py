@@ -151,6 +151,13 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def tokenizer_dir(self) -> tuple[Path, str]:
+        """The run's tokenizer directory, and the setting that names it (for messages): tokenizer.path,
+        else the data's own ``<data.path>/tokenizer``."""
+        if self.tokenizer.path:
+            return Path(self.tokenizer.path), "tokenizer.path"
+        return Path(self.data.path) / "tokenizer", "<data.path>/tokenizer"
+
 
 @dataclass(frozen=True)
 class Layout:

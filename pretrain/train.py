@@ -82,8 +82,7 @@ def check_inputs(cfg) -> None:
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a data_prep output directory or an Energon blend YAML")
     check_data_path(cfg.data.path)
-    tokenizer = Path(cfg.tokenizer.path) if cfg.tokenizer.path else Path(cfg.data.path) / "tokenizer"
-    check_tokenizer(tokenizer, "tokenizer.path" if cfg.tokenizer.path else "<data.path>/tokenizer")
+    check_tokenizer(*cfg.tokenizer_dir())
 
 
 def _memory_plan(cfg, overrides: list[str], world_size: int) -> dict | None:

@@ -169,12 +169,6 @@ class Trainer:
             return torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return getattr(torch, name)
 
-    def tokenizer_path(self) -> Path:
-        path = Path(self.cfg.tokenizer.path) if self.cfg.tokenizer.path else Path(self.cfg.data.path) / "tokenizer"
-        if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-            raise ConfigError(f"no tokenizer at {path}: set tokenizer.path to an HF tokenizer directory")
-        return path
-
     def build_model(self, init_weights: bool) -> NeoModel:
         """This rank's part of the model, on the device. ``init_weights=False`` when every weight
         is about to be loaded: random initialisation would be thrown away (minutes at 9B)."""
@@ -290,10 +284,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             (self.run_dir / EXIT_STATUS_FILE).unlink(missing_ok=True)  # a crash leaves none
-        tokenizer_path = self.tokenizer_path()
-        from pretrain.data.template import load_tokenizer
+        from pretrain.data.template import check_tokenizer
 
-        n_tokens = len(load_tokenizer(tokenizer_path))
+        tokenizer_path, what = cfg.tokenizer_dir()
+        n_tokens = len(check_tokenizer(tokenizer_path, what))
         if n_tokens > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer at {tokenizer_path} has {n_tokens} tokens, more than "
                               f"model.vocab_size={cfg.model.vocab_size}: the embedding has no row for the rest")

@@ -215,6 +215,21 @@ def check_sbatch_arg(arg: str) -> None:
         raise ValueError(f"--sbatch-arg={arg!r} must be one sbatch option (starting with -) on one line")
 
 
+def check_job_fields(time: str, partition: str | None, account: str | None, label) -> int:
+    """The time limit in seconds, once it and the partition and account names are valid; else
+    ValueError, one line naming the value as ``label(key)`` does ("cluster.time=", "--time ")."""
+    try:
+        limit = time_limit_seconds(time)
+    except ValueError as err:
+        raise ValueError(f"{label('time')}{err}") from None
+    if limit <= 0:
+        raise ValueError(f"{label('time')}{time!r} must be a positive time limit")
+    for key, value in (("partition", partition), ("account", account)):
+        if value and not SLURM_NAME.fullmatch(value):
+            raise ValueError(f"{label(key)}{value!r} is not a SLURM {key} name")
+    return limit
+
+
 def time_limit_seconds(text: str) -> int:
     """SLURM's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S. ValueError if none fits."""
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from data_prep.parts import complete_parts, is_merged
 from slurm.jobs import (
     PREP_BUILD,
     SlurmError,
@@ -29,7 +30,6 @@ from slurm.jobs import (
     read_records,
     same_job,
 )
-from slurm.prep_parts import complete_parts, merged
 from slurm.render import PrepSpec
 
 
@@ -134,11 +134,16 @@ def collect_prep(run_dir: Path) -> list[dict]:
     """One row per data-prep job: the array's tasks by state, the merge's state; each row also says
     how many parts of the build are complete (part manifests) and whether it is merged."""
     rows = []
+    complete: dict[tuple[Path, int], list[int]] = {}  # read once per build, not once per job
     for record in filter(is_prep, read_records(run_dir)):
         output, parts = Path(record["output"]), int(record["parts"])
+        if (output, parts) not in complete:
+            complete[output, parts] = complete_parts(output, parts)
+        done = complete[output, parts]
         row = {"job_id": record["job_id"], "stage": record["stage"],
                "dependency": record.get("dependency", ""), "output": str(output), "parts": parts,
-               "parts_complete": len(complete_parts(output, parts)), "merged": merged(output)}
+               "parts_complete": len(done), "parts_incomplete": sorted(set(range(parts)) - set(done)),
+               "merged": is_merged(output)}
         if record["stage"] == PREP_BUILD:
             tasks = {task: info for task, info in array_tasks(record["job_id"]).items()
                      if same_job(info, record)}
@@ -164,7 +169,7 @@ def collect_prep(run_dir: Path) -> list[dict]:
 def prep_table(rows: list[dict]) -> str:
     last = rows[-1]
     done, parts = last["parts_complete"], last["parts"]
-    incomplete = sorted(set(range(parts)) - set(complete_parts(Path(last["output"]), parts)))
+    incomplete = last["parts_incomplete"]
     head = f"data-prep build {last['output']}: {done} of {parts} parts complete"
     head += f" (incomplete: {compact_task_ids(incomplete)})" if incomplete else ""
     head += "; merged" if last["merged"] else "; not merged"

@@ -47,12 +47,11 @@ from pathlib import Path
 from slurm.jobs import SlurmError, append_record, cancel, now, sbatch
 from slurm.render import (
     REPO,
-    SLURM_NAME,
     JobSpec,
+    check_job_fields,
     check_sbatch_arg,
     render,
     render_gpu_check,
-    time_limit_seconds,
 )
 
 STAGES = ("stage1_prebuffer", "stage2_midtrain", "stage3_sft")
@@ -88,19 +87,13 @@ def check_cluster(cluster) -> None:
     if cluster.max_restarts < 0:
         raise ConfigError(f"cluster.max_restarts={cluster.max_restarts} must be >= 0")
     try:
-        limit = time_limit_seconds(cluster.time)
+        limit = check_job_fields(cluster.time, cluster.partition, cluster.account, lambda key: f"cluster.{key}=")
     except ValueError as err:
-        raise ConfigError(f"cluster.time={err}") from None
-    if limit <= 0:
-        raise ConfigError(f"cluster.time={cluster.time!r} must be a positive time limit")
+        raise ConfigError(str(err)) from None
     if not 0 < cluster.signal_lead_s < limit:
         raise ConfigError(f"cluster.signal_lead_s={cluster.signal_lead_s} must be > 0 and shorter than "
                           f"cluster.time={cluster.time} ({limit}s): "
                           "the warning signal comes that long before the limit")
-    for key in ("partition", "account"):
-        value = getattr(cluster, key)
-        if value and not SLURM_NAME.fullmatch(value):
-            raise ConfigError(f"cluster.{key}={value!r} is not a SLURM {key} name")
 
 
 def plan_job(overrides: list[str], args: argparse.Namespace, run_dir: Path | None = None) -> PlannedJob:

@@ -40,6 +40,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.parts import complete_parts, is_merged
 from slurm.jobs import (
     PREP_BUILD,
     PREP_MERGE,
@@ -55,16 +56,14 @@ from slurm.jobs import (
     same_job,
     sbatch,
 )
-from slurm.prep_parts import complete_parts, merged, missing_parts
 from slurm.render import (
     JOB_NAME,
     MEMORY,
-    SLURM_NAME,
     PrepSpec,
+    check_job_fields,
     check_sbatch_arg,
     render_prep_array,
     render_prep_merge,
-    time_limit_seconds,
 )
 
 
@@ -154,15 +153,9 @@ def plan(argv: list[str]) -> tuple[argparse.Namespace, PrepSpec]:
     if args.cpus_per_task < 1:
         raise UsageError(f"--cpus-per-task {args.cpus_per_task}: must be at least 1")
     try:
-        limit = time_limit_seconds(args.time)
+        check_job_fields(args.time, args.partition, args.account, lambda key: f"--{key} ")
     except ValueError as err:
-        raise UsageError(f"--time {err}") from None
-    if limit <= 0:
-        raise UsageError(f"--time {args.time}: must be a positive time limit")
-    for key in ("partition", "account"):
-        value = getattr(args, key)
-        if value and not SLURM_NAME.fullmatch(value):
-            raise UsageError(f"--{key} {value!r} is not a SLURM {key} name")
+        raise UsageError(str(err)) from None
     if args.mem and not MEMORY.fullmatch(args.mem):
         raise UsageError(f"--mem {args.mem!r} is not a SLURM memory size (e.g. 64G, 4000M)")
     if args.job_name and not JOB_NAME.fullmatch(args.job_name):
@@ -258,12 +251,13 @@ def check_same_build(spec: PrepSpec, records: list[dict]) -> None:
 
 def plan_missing(spec: PrepSpec, found: Survey) -> Submission | None:
     """--missing: the parts to build again; None when there is nothing to submit (printed why)."""
-    if merged(spec.output):
+    if is_merged(spec.output):
         print(f"{spec.output} is merged (manifest.json): nothing to submit", file=sys.stderr)
         return None
     if found.running_merges:
         raise SlurmError(f"merge job {', '.join(found.running_merges)} is running: wait for it to end")
-    missing = missing_parts(spec.output, spec.parts)
+    complete = set(complete_parts(spec.output, spec.parts))
+    missing = [part for part in range(spec.parts) if part not in complete]
     todo = [part for part in missing if part not in found.building]
     if not missing:
         if found.pending_merges:

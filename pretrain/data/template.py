@@ -85,9 +85,9 @@ def missing_special_tokens(tokenizer) -> list[str]:
     return missing
 
 
-def check_tokenizer(path: str | Path, what: str = "tokenizer.path") -> None:
-    """ConfigError (one line) unless ``path`` is an HF tokenizer directory with NEO's special
-    tokens: the trainer checks this before it starts, not when the first batch is drawn."""
+def check_tokenizer(path: str | Path, what: str = "tokenizer.path"):
+    """The tokenizer at ``path``; ConfigError (one line) unless it is an HF tokenizer directory with
+    NEO's special tokens: the trainer checks this before it starts, not when the first batch is drawn."""
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
         raise ConfigError(f"no tokenizer at {path} ({what}): set tokenizer.path to an HF tokenizer directory")
@@ -96,6 +96,7 @@ def check_tokenizer(path: str | Path, what: str = "tokenizer.path") -> None:
     except (OSError, ValueError) as err:
         raise ConfigError(f"the tokenizer at {path} does not load: {' '.join(str(err).split())[:300]}") from None
     ChatTemplate(tokenizer)  # names every missing special token
+    return tokenizer
 
 
 def load_tokenizer(path: str | Path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,32 @@ import numpy as np
 from PIL import Image
 
 from data_prep.build import BuildOptions, run_build
+from data_prep.cli import main
 from data_prep.images import ImageOptions
 from data_prep.sources import SourceOptions, entries_for
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """``python -m data_prep ARGS`` in a new process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """``data_prep.cli.main`` in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(stderr: str, command: str = "build") -> str:
+    """The single line a failed ``data_prep COMMAND`` prints (asserted: one line, no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"data_prep {command}: error: "), lines[0]
+    return lines[0]
+
 
 # Small budgets keep every test image tiny (a 96x64 image stays 96x64).
 SMALL = dict(min_pixels=32 * 32, max_pixels=256 * 256)

@@ -13,38 +13,19 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from data_prep.cli import main
 from data_prep.manifest import write_json_atomic
-from tests.data_prep.helpers import conv, jpeg, write, write_jsonl
+from tests.data_prep.helpers import cli, conv, jpeg, one_error_line, run_cli, write, write_jsonl
 
 BOM = b"\xef\xbb\xbf"
 FAST = ["--workers", "1", "--no-progress", "--no-energon", "--min-pixels", "1024", "--max-pixels", "65536"]
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "data_prep", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
 
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """``data_prep.cli.main`` in this process: (exit code, stdout, stderr)."""
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(stderr: str, command: str = "build") -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"data_prep {command}: error: "), lines[0]
-    return lines[0]
 
 
 def strict_json(text: str):

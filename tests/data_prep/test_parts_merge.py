@@ -35,7 +35,17 @@ from data_prep.parts import PartSlice
 from data_prep.progress import Progress
 from data_prep.sources import SourceOptions, count_inputs, entries_for
 from data_prep.tokenizer import train_tokenizer
-from tests.data_prep.helpers import conv, encode, jpeg, noise_rgb, write, write_jsonl
+from tests.data_prep.helpers import (
+    cli,
+    conv,
+    encode,
+    jpeg,
+    noise_rgb,
+    one_error_line,
+    run_cli,
+    write,
+    write_jsonl,
+)
 
 SIZES = ["--min-pixels", "1024", "--max-pixels", "65536", "--shard-max-samples", "8"]
 QUIET = ["--no-progress", "--workers", "1"]
@@ -118,24 +128,7 @@ def build_args(inputs: dict, output: Path, *extra) -> list[str]:
     ]
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "data_prep", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
 
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(stderr: str, command: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"data_prep {command}: error: "), lines[0]
-    return lines[0]
 
 
 # -- comparing outputs ----------------------------------------------------------------------------

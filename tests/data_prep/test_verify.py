@@ -2,14 +2,12 @@
 
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 
 import pytest
 
 from data_prep.verify import verify
-from tests.data_prep.helpers import build, conv, jpeg, write, write_jsonl
+from tests.data_prep.helpers import build, conv, jpeg, run_cli, write, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +32,6 @@ def built(pristine, tmp_path):
     shutil.copytree(pristine, copy)
     return copy
 
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def test_fresh_build_verifies(built):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -22,7 +20,7 @@ from data_prep.energon_prepare import (
     tar_index_offsets,
 )
 from data_prep.verify import verify
-from tests.data_prep.helpers import build, conv, encode, noise_rgb, write, write_jsonl
+from tests.data_prep.helpers import build, conv, encode, noise_rgb, run_cli, write, write_jsonl
 
 SHARDS = ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # 5, 5 and 2 samples
 
@@ -49,11 +47,6 @@ def built(pristine, tmp_path):
     shutil.copytree(pristine, copy)
     return copy
 
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def test_clean_build_metadata_and_indexes(built):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.cli import main as data_prep_main
 from slurm import submit_prep
 from slurm.render import PrepSpec, render_prep_array, render_prep_merge
 from tests.slurm.helpers import REPO
@@ -235,10 +236,11 @@ def test_submission_prints_ids_and_records_both_jobs(tmp_path, ann, capsys, monk
         assert os.access(tmp_path / "o.slurm" / name, os.X_OK)
 
 
-def complete_part(out: Path, index: int) -> None:
-    directory = out / "parts" / f"part-{index:05d}"
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "manifest.json").write_text("{}")
+def complete_part(out: Path, index: int, parts: int = 5) -> None:
+    """Part ``index`` of the BUILD, built for real (data_prep decides what a complete part is)."""
+    assert out.name == "o"  # BUILD's --output, relative to the test's working directory
+    flags = ["--no-progress", "--no-energon", "--workers", "1", "--parts", str(parts), "--part", str(index)]
+    assert data_prep_main(["build", *BUILD, *flags]) == 0
 
 
 def test_missing_plans_only_the_parts_without_a_manifest(tmp_path, ann, capsys):
@@ -246,6 +248,8 @@ def test_missing_plans_only_the_parts_without_a_manifest(tmp_path, ann, capsys):
     complete_part(out, 0)
     complete_part(out, 2)
     (out / "parts" / "part-00001").mkdir()  # half-written: no manifest.json
+    (out / "parts" / "part-00003").mkdir()
+    (out / "parts" / "part-00003" / "manifest.json").write_text("{}")  # damaged: merge would refuse it
     args = ["--parts", "5", "--concurrency", "2", "--missing", "--dry-run", "--", *BUILD]
     code, stdout, stderr = run_main(capsys, args)
     assert code == 0, stderr
@@ -283,7 +287,7 @@ def test_missing_while_the_first_array_still_runs(tmp_path, ann, capsys, monkeyp
     merge also waits for the first array (afterany) and replaces the first merge, which could never
     run. A plain resubmission meanwhile is refused: two arrays would write the same parts."""
     out, slurm_dir = tmp_path / "o", tmp_path / "o.slurm"
-    complete_part(out, 0)
+    complete_part(out, 0, parts=4)
     slurm_dir.mkdir()
     script, merge_script = slurm_dir / "prep_array.sbatch", slurm_dir / "prep_merge.sbatch"
     common = {"parts": 4, "output": str(out), "run_dir": str(slurm_dir)}

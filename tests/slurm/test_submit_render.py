@@ -12,7 +12,7 @@ import pytest
 
 from slurm import submit as submit_mod
 from slurm.jobs import parse_show_job
-from slurm.render import REQUEUE_EXIT_CODE
+from slurm.render import REQUEUE_EXIT_CODE, time_limit_seconds
 from tests.slurm.helpers import REPO, run_cli
 
 
@@ -161,7 +161,7 @@ def test_config_errors_are_one_line_and_submit_nothing(tmp_path, capsys, args, m
 
 
 def test_time_limits_in_every_slurm_format():
-    seconds = submit_mod.time_limit_seconds
+    seconds = time_limit_seconds
     assert seconds("30") == 1800 and seconds("30:15") == 1815 and seconds("02:00:00") == 7200
     assert seconds("1-00") == 86400 and seconds("1-02:30") == 95400 and seconds("2-00:00:10") == 172810
 
