@@ -244,6 +244,9 @@ def inspect_part(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
                 problem = "its counts do not add up"
     if problem is not None:
         return None, f"damaged manifest.json: {problem}"
+    for name in [shard["name"] for shard in manifest["shards"]] + [REJECTS_NAME]:
+        if (directory / name).is_symlink():  # a part's files are its own: never read through a link
+            return None, f"damaged: {name} is a symbolic link, not a file the part's build wrote"
     for shard in manifest["shards"]:
         path = directory / shard["name"]
         size = path.stat().st_size if path.is_file() else None

@@ -393,6 +393,12 @@ def broken(good_parts: Path, tmp_path: Path, inputs: dict, capsys, case: str) ->
         shard = parts / "part-00000" / "shard-000000.tar"
         with open(shard, "r+b") as f:
             f.truncate(1024)
+    elif case == "symlinked-shard":  # a file outside, of the very size the manifest says
+        shard = parts / "part-00000" / "shard-000000.tar"
+        outside = tmp_path / "secret.tar"
+        outside.write_bytes(b"x" * shard.stat().st_size)
+        shard.unlink()
+        shard.symlink_to(outside)
     return out
 
 
@@ -416,8 +422,9 @@ def broken(good_parts: Path, tmp_path: Path, inputs: dict, capsys, case: str) ->
             "truncated-shard",
             r"part 0/3 \(\S+\): damaged: shard-000000\.tar is 1024 bytes, its manifest says \d+ bytes",
         ),
+        ("symlinked-shard", r"part 0/3 \(\S+\): damaged: shard-000000\.tar is a symbolic link"),
     ],
-    ids=["missing", "options", "half-written", "inputs", "parts", "truncated-shard"],
+    ids=["missing", "options", "half-written", "inputs", "parts", "truncated-shard", "symlinked-shard"],
 )
 def test_merge_refuses_parts_that_do_not_make_one_build(good_parts, tmp_path, inputs, capsys, case, expected):
     out = broken(good_parts, tmp_path, inputs, capsys, case)
